@@ -8,6 +8,8 @@
 
 from ._version import __version__
 from .condition import Condition, condition, validate_lambda
+from .evaluate import SweepResult, evaluate
+from .exported import load_exported, save_exported
 from .methods import Method, available_methods, get_method, register_method
 from .model import ConditionalModel, load, save, wrap
 from .surgery import NothingToConditionError
@@ -17,13 +19,17 @@ __all__ = [
     "ConditionalModel",
     "Method",
     "NothingToConditionError",
+    "SweepResult",
     "__version__",
     "available_methods",
     "condition",
+    "evaluate",
     "get_method",
     "load",
+    "load_exported",
     "register_method",
     "save",
+    "save_exported",
     "validate_lambda",
     "wrap",
 ]

@@ -11,9 +11,9 @@ Protocol (the same for every λ, so the rows are comparable):
 - The first ``n_examples`` examples of the data are used, in order, once: each batch is
   evaluated at every λ before the next batch is read, so every λ sees exactly the same images.
 - Clean accuracy is computed under ``torch.no_grad`` (not ``inference_mode``: conditioned
-  layers cache λ tensors that the attack's backward pass must be able to use). The attack is run on the examples the model
-  classifies correctly at that λ (the others already count as errors, as in AutoAttack), so the
-  robust accuracy never exceeds the clean accuracy.
+  layers cache λ tensors that the attack's backward pass must be able to use). The attack is
+  run on the examples the model classifies correctly at that λ (the others already count as
+  errors, as in AutoAttack), so the robust accuracy never exceeds the clean accuracy.
 - The attack's random start is seeded per batch (``seed``), identically for every λ, so a run
   is reproducible.
 """
@@ -29,14 +29,13 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from typing import Any
 
 import torch
 import torchattacks
-from torchattacks.attack import Attack
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchattacks.attack import Attack
 from tqdm.auto import tqdm
 
 from ._io import atomic_write_bytes, atomic_write_text
@@ -160,12 +159,12 @@ def available_attacks() -> list[str]:
 
 
 def _format_eps(eps: float, norm: str) -> str:
-    if norm == "Linf":
-        frac = Fraction(eps * 255).limit_denominator(8)
-        if abs(float(frac) - eps * 255) < 1e-6:
-            num = f"{frac.numerator}" if frac.denominator == 1 else f"{frac}"
-            return f"{num}/255"
-    return f"{eps:g}"
+    """8/255 for the usual L∞ radii and steps, else 4 significant digits."""
+    if norm == "Linf" and eps < 1:
+        k = round(eps * 255)
+        if k >= 1 and math.isclose(k, eps * 255, rel_tol=1e-6):
+            return f"{k}/255"
+    return f"{eps:.4g}"
 
 
 @dataclass(frozen=True)
@@ -191,9 +190,9 @@ def resolve_attack(
     n_classes: int = 10,
     seed: int = 0,
 ) -> AttackConfig:
-    """Turn an attack name (see :data:`ATTACKS`) or a factory ``callable(model) -> torchattacks Attack``
-    into an :class:`AttackConfig`. ``eps`` defaults to 8/255 for L∞ and 0.5 for L2 attacks;
-    ``alpha`` (step size) to ``2.5·eps/steps`` (Madry et al.)."""
+    """Turn an attack name (see :data:`ATTACKS`) or a factory ``callable(model) -> Attack``
+    (a torchattacks attack) into an :class:`AttackConfig`. ``eps`` defaults to 8/255 for L∞
+    and 0.5 for L2 attacks; ``alpha`` (step size) to ``2.5·eps/steps`` (Madry et al.)."""
     if callable(attack) and not isinstance(attack, str):
         name = getattr(attack, "__name__", type(attack).__name__)
         return AttackConfig(name, None, eps, None, alpha, seed, f"custom attack {name}", attack)
@@ -422,6 +421,7 @@ def _batches(
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
         n = x.shape[0] if n_examples is None else min(n_examples, x.shape[0])
+        x, y = x[:n], y[:n]
         return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)), n
     if isinstance(data, Dataset):
         total = _safe_len(data)

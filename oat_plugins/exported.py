@@ -17,7 +17,6 @@ import os
 from typing import Any
 
 import timm
-import torch
 from torch import nn
 from torchvision.transforms import Normalize
 

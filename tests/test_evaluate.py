@@ -1,0 +1,219 @@
+"""Evaluation: the λ sweep table, its attacks, and its JSON / CSV / markdown / plot outputs."""
+
+import csv
+import json
+import logging
+import math
+
+import pytest
+import timm
+import torch
+import torchattacks
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader, TensorDataset
+
+import oat_plugins
+from oat_plugins.evaluate import (
+    ATTACKS,
+    DEFAULT_LAMBDAS,
+    CWLinf,
+    SweepResult,
+    evaluate,
+    plot_tradeoff,
+    resolve_attack,
+)
+from oat_plugins.layers.base import ConditionedParametrization
+
+TINY = {"num_classes": 10, "channels": (8, 16, 16, 16), "stem_width": 8}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = oat_plugins.wrap("resnet10t", "film", model_kwargs=TINY)
+    with torch.no_grad():  # move FiLM off identity so every λ computes a different function
+        for name, p in m.named_parameters():
+            if ".post." in name or "film" in name.lower():
+                p.add_(0.3 * torch.randn_like(p))
+    # Give the two norm branches different statistics.
+    m.train()
+    with torch.no_grad():
+        for lam in (0.0, 1.0):
+            m.set_lambda(lam)
+            m(torch.rand(32, 3, 32, 32))
+    m.set_lambda(0.0)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def data(model):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(24, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        y = model.set_lambda(0.0)(x).argmax(1)  # λ=0 classifies every example correctly
+    y[::3] = (y[::3] + 1) % 10                  # ...except every third one
+    return x, y
+
+
+def _accuracy(model, x, y, lam):
+    with torch.no_grad(), oat_plugins.condition(model, lam):
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def test_table_shape_and_values_in_range(model, data):
+    result = evaluate(model, data, [0.0, 0.5, 1.0], steps=1, batch_size=10, progress=False)
+    assert isinstance(result, SweepResult)
+    assert len(result) == 3 and result.lambdas == [0.0, 0.5, 1.0]
+    for row in result:
+        assert row.n == 24
+        assert 0.0 <= row.robust_acc <= row.clean_acc <= 1.0
+        assert row.attack == result.meta["attack"] == "PGD-1 (L∞, ε=8/255, α=20/255)"
+    x, y = data
+    for lam in (0.0, 0.5, 1.0):
+        assert result.row(lam).clean_acc == pytest.approx(_accuracy(model, x, y, lam))
+    assert result.row(0.0).clean_acc == pytest.approx(16 / 24)
+
+
+def test_default_lambdas_and_state_restored(model, data):
+    model.set_lambda(0.3)
+    model.train()
+    try:
+        result = evaluate(model, data, attack="fgsm", n_examples=8, progress=False)
+        assert result.lambdas == list(DEFAULT_LAMBDAS)
+        assert model.training and model.lam == 0.3
+    finally:
+        model.eval()
+        model.set_lambda(0.0)
+
+
+def test_reproducible_and_same_examples_for_every_input_kind(model, data):
+    x, y = data
+    kwargs = dict(lambdas=[0.0, 1.0], steps=1, n_examples=12, batch_size=8, progress=False)
+    first = evaluate(model, (x, y), **kwargs)
+    again = evaluate(model, (x, y), **kwargs)
+    from_dataset = evaluate(model, TensorDataset(x, y), **kwargs)
+    from_loader = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=8), **kwargs)
+    key = [(r.lam, r.clean_acc, r.robust_acc, r.n) for r in first]
+    for other in (again, from_dataset, from_loader):
+        assert [(r.lam, r.clean_acc, r.robust_acc, r.n) for r in other] == key
+    assert all(r.n == 12 for r in first)
+
+
+def test_tiny_eps_keeps_accuracy_and_huge_eps_breaks_it(model, data):
+    tiny = evaluate(model, data, [0.0], attack="pgd", eps=1e-7, steps=1, progress=False)
+    assert tiny.rows[0].robust_acc == tiny.rows[0].clean_acc
+    huge = evaluate(model, data, [0.0], attack="pgd", eps=1.0, steps=3, progress=False)
+    assert huge.rows[0].robust_acc < huge.rows[0].clean_acc
+
+
+def test_plain_module_gives_one_row(model, data):
+    plain = model.export(0.5)
+    result = evaluate(plain, data, attack="fgsm", progress=False)
+    assert result.lambdas == [None]
+    assert result.rows[0].clean_acc == pytest.approx(_accuracy(model, *data, 0.5))
+    with pytest.raises(ValueError, match="not a ConditionalModel"):
+        evaluate(plain, data, [0.0, 1.0], progress=False)
+
+
+@pytest.mark.parametrize(
+    "lambdas, message",
+    [([], "empty"), ([0.0, 1.5], r"\[0, 1\]"), ([0.5, 0.5], "repeated"), ("0,1", "list"),
+     ([float("nan")], "NaN")],
+)
+def test_bad_lambdas_are_clear_errors(model, data, lambdas, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate(model, data, lambdas, progress=False)
+
+
+def test_unknown_attack_lists_the_names(model, data):
+    with pytest.raises(ValueError, match="unknown attack 'pgd7'.*pgd, fgsm, cw"):
+        evaluate(model, data, [0.0], attack="pgd7", progress=False)
+
+
+def test_bad_data_and_arguments(model, data):
+    x, y = data
+    with pytest.raises(ValueError, match="examples"):
+        evaluate(model, (x, y[:5]), [0.0], progress=False)
+    with pytest.raises(ValueError, match="Dataset"):
+        evaluate(model, [1, 2, 3], [0.0], progress=False)
+    with pytest.raises(ValueError, match="n_examples"):
+        evaluate(model, data, [0.0], n_examples=0, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        resolve_attack("pgd", steps=0)
+
+
+def test_every_named_attack_builds_a_torchattacks_attack(model):
+    for name in ATTACKS:
+        config = resolve_attack(name, steps=3)
+        assert isinstance(config.factory(model), torchattacks.attack.Attack), name
+        assert config.description
+    assert resolve_attack("pgd-l2").eps == 0.5
+    assert resolve_attack("pgd").eps == pytest.approx(8 / 255)
+
+
+def test_attack_factory_and_cw_stay_in_the_ball(model, data):
+    x, y = data
+    calls = []
+
+    def factory(m):
+        calls.append(m)
+        return torchattacks.FGSM(m, eps=4 / 255)
+
+    result = evaluate(model, data, [0.0], attack=factory, progress=False)
+    assert calls == [model] and result.rows[0].attack == "custom attack factory"
+    adv = CWLinf(model, eps=4 / 255, alpha=1 / 255, steps=3)(x, y)
+    assert float((adv - x).abs().max()) <= 4 / 255 + 1e-6
+    assert float(adv.min()) >= 0 and float(adv.max()) <= 1
+
+
+class _Resampled(ConditionedParametrization):
+    deterministic = False
+
+    def forward(self, weight):
+        return weight + 1e-3 * float(self.condition.lam) * torch.randn_like(weight)
+
+
+def test_non_deterministic_model_warns_about_eot(data, caplog):
+    m = oat_plugins.wrap("resnet10t", "film", model_kwargs=TINY).eval()
+    conv = next(mod for mod in m.backbone.modules() if isinstance(mod, nn.Conv2d))
+    parametrize.register_parametrization(conv, "weight", _Resampled(m.condition))
+    assert not m.deterministic
+    with caplog.at_level(logging.WARNING, logger="oat_plugins.evaluate"):
+        evaluate(m, data, [1.0], attack="fgsm", n_examples=4, progress=False)
+    assert "EOT" in caplog.text
+
+
+def test_outputs_json_csv_markdown_plot(model, data, tmp_path):
+    result = evaluate(model, data, [0.0, 1.0], attack="fgsm", progress=False)
+    result.to_json(tmp_path / "m.json")
+    back = SweepResult.from_json(tmp_path / "m.json")
+    assert back.rows == result.rows and back.meta == json.loads(json.dumps(result.meta))
+    result.to_csv(tmp_path / "m.csv")
+    with open(tmp_path / "m.csv", newline="", encoding="utf-8") as handle:
+        lines = list(csv.DictReader(handle))
+    assert [float(r["lam"]) for r in lines] == [0.0, 1.0]
+    assert [float(r["robust_acc"]) for r in lines] == result.robust_acc
+    table = result.to_markdown().splitlines()
+    assert len(table) == 4 and table[2].startswith("| 0 | ")
+    assert f"{100 * result.rows[1].clean_acc:.1f}" in table[3]
+    result.plot(tmp_path / "plot.png", references={"PGD-AT": (0.5, 0.3)})
+    plot_tradeoff({"a": result, "b": back}, tmp_path / "two.png")
+    for name in ("plot.png", "two.png"):
+        data_bytes = (tmp_path / name).read_bytes()
+        assert data_bytes[:8] == b"\x89PNG\r\n\x1a\n" and len(data_bytes) > 5000
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_plain_row_csv_and_markdown(model, data, tmp_path):
+    result = evaluate(model.export(0.0), data, attack="fgsm", progress=False)
+    result.to_csv(tmp_path / "p.csv")
+    assert (tmp_path / "p.csv").read_text().splitlines()[1].startswith(",")
+    assert "| – |" in result.to_markdown()
+    assert not math.isnan(result.rows[0].clean_acc)
+
+
+def test_timm_model_without_wrapper(data):
+    plain = timm.create_model("resnet10t", **TINY).eval()
+    result = evaluate(plain, data, attack="fgsm", progress=False)
+    assert len(result) == 1 and 0 <= result.rows[0].robust_acc <= result.rows[0].clean_acc
