@@ -9,7 +9,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ("info",)
+COMMANDS: tuple[str, ...] = (
+    "info",
+    "train",
+)
 """Command modules, in the order ``--help`` lists them."""
 
 
