@@ -283,7 +283,13 @@ def load_dataset(
             transform = v2.Compose(ops + [train_transform(size)])
         else:
             transform = eval_transform(image_size)
-    return _image_folder(Path(spec).expanduser(), split, transform)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"dataset path {os.fspath(spec)!r} does not exist (a --data / spec is one of "
+            f"{', '.join(DATASETS)} or an existing ImageFolder directory)"
+        )
+    return _image_folder(path, split, transform)
 
 
 def _torchvision(name: str, split: str, data_dir, transform, download: bool) -> Dataset:
