@@ -14,6 +14,7 @@ COMMANDS: tuple[str, ...] = (
     "train",
     "eval",
     "export",
+    "demo",
 )
 """Command modules, in the order ``--help`` lists them."""
 
