@@ -367,8 +367,8 @@ def plot_tradeoff(
                 ax.annotate(f"λ={r.lam:g}", (x, y), textcoords="offset points", xytext=(4, 4),
                             fontsize=8, color=line.get_color())
     for j, (name, (clean, robust)) in enumerate((references or {}).items()):
-        ax.scatter([100 * clean], [100 * robust], marker="*X+Pxd"[j % 6], s=120, label=name,
-                   zorder=3)
+        ax.scatter([100 * clean], [100 * robust], marker="*XPDvs"[j % 6], s=120, label=name,
+                   color=f"C{(len(curves) + j) % 10}", zorder=3)
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel("robust accuracy (%)")
     if title:
@@ -405,11 +405,22 @@ def _check_lambdas(model: nn.Module, lambdas: Iterable[float] | None) -> list[fl
     return values
 
 
+def _subset_indices(total: int, n: int, seed: int | None) -> torch.Tensor | None:
+    """None for the first ``n``; else ``n`` indices drawn without replacement, sorted."""
+    if seed is None or n >= total:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=generator)[:n].sort().values
+
+
 def _batches(
-    data: Data, n_examples: int | None, batch_size: int
+    data: Data, n_examples: int | None, batch_size: int, subset_seed: int | None = None
 ) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int | None]:
-    """(x, y) batches over the first ``n_examples`` examples, and their count when known."""
+    """(x, y) batches over the first ``n_examples`` examples (or a seeded random subset of
+    that size), and their count when known."""
     if isinstance(data, DataLoader):
+        if subset_seed is not None:
+            raise ValueError("subset_seed needs a Dataset or tensors, not a DataLoader")
         total = _safe_len(data.dataset)
         n = total if n_examples is None else (
             n_examples if total is None else min(n_examples, total))
@@ -421,19 +432,29 @@ def _batches(
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
         n = x.shape[0] if n_examples is None else min(n_examples, x.shape[0])
-        x, y = x[:n], y[:n]
+        idx = _subset_indices(x.shape[0], n, subset_seed)
+        x, y = (x[:n], y[:n]) if idx is None else (x[idx], y[idx])
         return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)), n
     if isinstance(data, Dataset):
         total = _safe_len(data)
         if total is None:
             raise ValueError("a Dataset without __len__ must be passed as a DataLoader")
         n = total if n_examples is None else min(n_examples, total)
-        subset = data if n == total else Subset(data, range(n))
+        idx = _subset_indices(total, n, subset_seed)
+        subset = data if n == total else Subset(data, range(n) if idx is None else idx.tolist())
         return DataLoader(subset, batch_size=batch_size, shuffle=False), n
     raise ValueError(
         "data must be a torch Dataset, a DataLoader, or an (images, labels) tensor pair; got "
         f"{type(data).__name__}"
     )
+
+
+def _total(data: Data) -> int | None:
+    if isinstance(data, DataLoader):
+        return _safe_len(data.dataset)
+    if isinstance(data, Dataset):
+        return _safe_len(data)
+    return data[0].shape[0]
 
 
 def _safe_len(obj: object) -> int | None:
@@ -479,6 +500,7 @@ def evaluate(
     batch_size: int = 128,
     device: str | torch.device | None = None,
     seed: int = 0,
+    subset_seed: int | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Clean and robust accuracy of ``model`` at each λ of ``lambdas``.
@@ -498,6 +520,9 @@ def evaluate(
         batch_size: batch size for tensors and datasets (a DataLoader keeps its own).
         device: where to evaluate; the model is moved there (default: where it is).
         seed: seeds the attack's random start, identically for every λ.
+        subset_seed: with ``n_examples``, evaluate a random subset of that size drawn with
+            this seed instead of the first examples (for data sorted by class, such as an
+            ImageFolder); not for a DataLoader.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -522,7 +547,7 @@ def evaluate(
     n_classes = int(getattr(model, "num_classes", 10) or 10)
     config = resolve_attack(attack, eps=eps, steps=steps, alpha=alpha, n_classes=n_classes,
                             seed=seed)
-    batches, n_total = _batches(data, n_examples, batch_size)
+    batches, n_total = _batches(data, n_examples, batch_size, subset_seed)
 
     was_training = model.training
     previous_lam = model.lam if isinstance(model, ConditionalModel) else None
@@ -579,6 +604,8 @@ def evaluate(
         "alpha": config.alpha,
         "seed": seed,
         "n_examples": count,
+        "subset": "all" if count == _total(data) else
+        "first" if subset_seed is None else f"random (seed {subset_seed})",
         "model": type(model).__name__,
         "method": getattr(model, "method_name", None),
         "backbone": getattr(model, "backbone_name", None),

@@ -100,6 +100,21 @@ def test_reproducible_and_same_examples_for_every_input_kind(model, data):
     assert all(r.n == 12 for r in first)
 
 
+def test_random_subset_is_seeded_and_the_same_for_tensors_and_datasets(model, data):
+    x, y = data
+    kwargs = dict(lambdas=[0.5], attack="fgsm", n_examples=9, subset_seed=3, progress=False)
+    picked = torch.randperm(24, generator=torch.Generator().manual_seed(3))[:9].sort().values
+    expected = evaluate(model, (x[picked], y[picked]), [0.5], attack="fgsm", progress=False)
+    for source in ((x, y), TensorDataset(x, y)):
+        result = evaluate(model, source, **kwargs)
+        assert result.rows[0].clean_acc == expected.rows[0].clean_acc
+        assert result.rows[0].robust_acc == expected.rows[0].robust_acc
+        assert result.meta["subset"] == "random (seed 3)"
+    assert expected.meta["subset"] == "all"
+    with pytest.raises(ValueError, match="DataLoader"):
+        evaluate(model, DataLoader(TensorDataset(x, y)), **kwargs)
+
+
 def test_tiny_eps_keeps_accuracy_and_huge_eps_breaks_it(model, data):
     tiny = evaluate(model, data, [0.0], attack="pgd", eps=1e-7, steps=1, progress=False)
     assert tiny.rows[0].robust_acc == tiny.rows[0].clean_acc

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..data import load_dataset
+from ..data import DATASETS, load_dataset
 from ..evaluate import ATTACKS, DEFAULT_LAMBDAS, evaluate
 from ..model import ConditionalModel
 from ._common import load_any_model, parse_lambdas, positive_int
@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="step size (default 2.5·eps/steps)")
     parser.add_argument("--n-examples", type=positive_int, default=None,
                         help="use the first N test examples (default: all)")
+    parser.add_argument("--subset-seed", type=int, default=None, metavar="SEED",
+                        help="with --n-examples, a random subset drawn with SEED instead of "
+                        "the first N (use it for an ImageFolder path, which is sorted by class)")
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: "
                         "cuda when available)")
@@ -67,12 +70,16 @@ def run(args: argparse.Namespace) -> int:
             f"{args.checkpoint!r} holds a plain (exported) model, which has no λ; drop --lambdas"
         )
     dataset = load_dataset(args.data, args.split, data_dir=args.data_dir, augment=False)
+    if (args.n_examples is not None and args.subset_seed is None
+            and str(args.data).lower() not in DATASETS and args.n_examples < len(dataset)):
+        logger.warning("an ImageFolder is sorted by class, so its first %d images may cover "
+                       "few classes; pass --subset-seed 0 for a random subset", args.n_examples)
     result = evaluate(
         model, dataset,
         args.lambdas if isinstance(model, ConditionalModel) else None,
         attack=args.attack, eps=args.eps, steps=args.steps, alpha=args.alpha,
         n_examples=args.n_examples, batch_size=args.batch_size,
-        device=args.device or _default_device(), seed=args.seed,
+        device=args.device or _default_device(), seed=args.seed, subset_seed=args.subset_seed,
         progress=not args.no_progress,
     )
     result.meta.update(checkpoint=str(args.checkpoint), data=str(args.data), split=args.split)

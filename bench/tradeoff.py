@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Clean vs robust accuracy trade-off: once-for-all methods against plain baselines.
+
+Trains each ``--methods`` entry (default ``film``) once with ``oat_plugins.train.fit`` and sweeps
+λ; trains the *plain* backbone (no conditioning, no extra parameters) with the same recipe —
+standard training (CE on clean images) and PGD-AT (CE on adversarial images, Madry et al.) —
+and evaluates everything with the same attack on the same test images. Prints one markdown
+table and writes ``results.json``, ``tradeoff.md`` and ``tradeoff.png`` into ``--out``.
+
+The default budget (a narrow ResNet-10-T, FGSM-RS training as in "Fast is better than free",
+2 epochs on CIFAR-10) is sized for about 30 minutes on a 2-core CPU for film + both baselines;
+PGD-20 evaluation on 1,000 test images. Runs are cached: a finished model in
+``--out/<name>/model.pt`` is reused (``--retrain`` to force), and an interrupted ``fit`` resumes.
+
+    python bench/tradeoff.py                                  # CIFAR-10 JPEG from ../shared/data
+    python bench/tradeoff.py --data bundled --epochs 1 --max-steps 5 --n-examples 64  # smoke
+    python bench/tradeoff.py --methods film,float --out bench/out/film-float
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import Normalize
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import oat_plugins  # noqa: E402
+from oat_plugins._io import atomic_torch_save, atomic_write_text  # noqa: E402
+from oat_plugins.data import (  # noqa: E402
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    TensorImageDataset,
+    load_dataset,
+    train_transform,
+)
+from oat_plugins.evaluate import SweepResult, evaluate, plot_tradeoff  # noqa: E402
+from oat_plugins.exported import EXPORT_FORMAT, EXPORT_VERSION, from_exported  # noqa: E402
+from oat_plugins.train import TrainConfig, fit, make_attack  # noqa: E402
+
+logger = logging.getLogger("bench.tradeoff")
+
+DEFAULT_TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+DATA_CACHE = ROOT / "bench" / "data"
+BASELINES = ("standard", "pgd-at")
+
+
+# -- data ------------------------------------------------------------------------------------
+def _extract(tarball: Path) -> Path:
+    """Extract ``tarball`` once into ``bench/data/<name>/`` (cached; atomic rename)."""
+    name = tarball.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    target = DATA_CACHE / name
+    if (target / ".complete").is_file():
+        return target
+    DATA_CACHE.mkdir(parents=True, exist_ok=True)
+    logger.info("extracting %s into %s (once)", tarball, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=DATA_CACHE))
+    try:
+        with tarfile.open(tarball) as archive:
+            archive.extractall(tmp, filter="data")
+        (tmp / ".complete").touch()
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def _decode_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All images of ``root/split`` (ImageFolder layout) as uint8 (N, 3, 32, 32), cached."""
+    cache = root / f".{split}-uint8.pt"
+    if cache.is_file():
+        payload = torch.load(cache, weights_only=True)
+        return payload["images"], payload["labels"], list(payload["classes"])
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    folder = ImageFolder(os.fspath(root / split), transform=v2.PILToTensor())
+    logger.info("decoding %d %s images of %s (once)", len(folder), split, root)
+    images = torch.stack([folder[i][0] for i in range(len(folder))])
+    labels = torch.tensor(folder.targets, dtype=torch.int64)
+    atomic_torch_save({"images": images, "labels": labels, "classes": folder.classes}, cache)
+    return images, labels, folder.classes
+
+
+def load_data(spec: str) -> tuple[Dataset, Dataset, str]:
+    """(train with augmentation, test, description) for ``bundled``, a CIFAR-10 JPEG
+    tarball, or an extracted ImageFolder directory with train/ and test/."""
+    if spec == "bundled":
+        return (load_dataset("bundled", "train"), load_dataset("bundled", "test"),
+                "bundled CIFAR-10 sample (4,000 train / 1,000 test)")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--data {spec!r} does not exist (expected 'bundled', the "
+                                "cifar10-jpeg.tar.gz tarball or its extracted directory)")
+    root = _extract(path) if path.is_file() else path
+    images, labels, classes = _decode_split(root, "train")
+    test_images, test_labels, _ = _decode_split(root, "test")
+    train = TensorImageDataset(images, labels, train_transform(32), classes=tuple(classes))
+    test = TensorImageDataset(test_images, test_labels, classes=tuple(classes))
+    return train, test, f"{root.name} ({len(train):,} train / {len(test):,} test)"
+
+
+# -- plain baselines -------------------------------------------------------------------------
+def train_plain(model: nn.Module, train_data: Dataset, config: TrainConfig,
+                adversarial: bool) -> dict[str, Any]:
+    """The plain backbone with fit's recipe: SGD (lr, momentum, weight decay), per-step
+    schedule, same batches, same attack (built by ``oat_plugins.train.make_attack``).
+    Standard training minimises CE(x); PGD-AT minimises CE(x_adv) (attack in eval mode)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    steps_per_epoch = len(train_data) // config.batch_size
+    total = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay, nesterov=config.nesterov)
+    horizon = config.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, horizon) / horizon))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor if config.schedule == "cosine"
+                                              else (lambda _: 1.0))
+    attack = make_attack(model, config) if adversarial else None
+    generator = torch.Generator().manual_seed(config.seed)
+    step, correct, seen = 0, 0.0, 0
+    model.train()
+    for _epoch in range(config.epochs):
+        loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True,
+                            drop_last=True, generator=generator,
+                            num_workers=config.num_workers)
+        for x, y in loader:
+            if step >= total:
+                break
+            x, y = x.to(device), y.to(device)
+            if attack is not None:
+                x = attack(x, y).detach()  # torchattacks: eval mode inside, train mode after
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            correct += float((logits.argmax(1) == y).sum())
+            seen += y.numel()
+        logger.info("%s epoch %d: train acc %.3f", "PGD-AT" if adversarial else "standard",
+                    _epoch + 1, correct / max(seen, 1))
+        correct, seen = 0.0, 0
+        if step >= total:
+            break
+    model.eval()
+    return {"global_step": step}
+
+
+def _plain_payload(model: nn.Sequential, spec: dict[str, Any], name: str) -> dict[str, Any]:
+    mean, std = model[0].mean, model[0].std
+    return {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION,
+            "oat_plugins_version": oat_plugins.__version__, "backbone": spec,
+            "normalize": {"mean": list(mean), "std": list(std)}, "lam": None, "method": name,
+            "state_dict": {k: v.detach().cpu() for k, v in model[1].state_dict().items()}}
+
+
+# -- the benchmark ---------------------------------------------------------------------------
+def _config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       attack=args.train_attack, steps=args.train_steps, seed=args.seed,
+                       max_steps=args.max_steps, eval_adversarial=False,
+                       eval_max_samples=500, progress=not args.no_progress)
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs = dict(args.model_kwargs)
+    kwargs.setdefault("num_classes", 10)
+    if "channels" in kwargs:
+        kwargs["channels"] = tuple(kwargs["channels"])
+    return kwargs
+
+
+def run_method(method: str, args, train, test, out: Path) -> tuple[SweepResult, float]:
+    """Train ``method`` once (or reuse its model.pt) and sweep λ."""
+    run_dir = out / method
+    seconds = float("nan")
+    if (run_dir / "model.pt").is_file() and not args.retrain:
+        logger.info("reusing %s", run_dir / "model.pt")
+        model = oat_plugins.load(run_dir / "model.pt")
+        seconds = json.loads((run_dir / "time.json").read_text())["train_seconds"]
+    else:
+        if args.retrain and run_dir.exists():
+            shutil.rmtree(run_dir)
+        kwargs = _model_kwargs(args)
+        torch.manual_seed(args.seed)
+        model = oat_plugins.wrap(timm.create_model(args.model, **kwargs), method,
+                                 normalize=(CIFAR10_MEAN, CIFAR10_STD), model_kwargs=kwargs)
+        start = time.perf_counter()
+        fit(model, train, _config(args), run_dir, resume=True, eval_data=test)
+        seconds = time.perf_counter() - start
+        oat_plugins.save(model, run_dir / "model.pt")
+        atomic_write_text(json.dumps({"train_seconds": seconds}), run_dir / "time.json")
+    result = evaluate(model, test, args.lambdas, attack=args.attack, steps=args.steps,
+                      n_examples=args.n_examples, subset_seed=0, seed=args.seed,
+                      progress=not args.no_progress)
+    result.to_json(run_dir / "sweep.json")
+    return result, seconds
+
+
+def run_baseline(name: str, args, train, test, out: Path) -> tuple[SweepResult, float]:
+    """Train the plain backbone (standard or PGD-AT) with the same recipe and evaluate it."""
+    run_dir = out / name
+    path = run_dir / "model.pt"
+    if path.is_file() and not args.retrain:
+        logger.info("reusing %s", path)
+        model = from_exported(torch.load(path, weights_only=True), source=repr(str(path)))
+        seconds = json.loads((run_dir / "time.json").read_text())["train_seconds"]
+    else:
+        kwargs = _model_kwargs(args)
+        torch.manual_seed(args.seed)
+        backbone = timm.create_model(args.model, **kwargs)
+        model = nn.Sequential(Normalize(CIFAR10_MEAN, CIFAR10_STD), backbone)
+        start = time.perf_counter()
+        train_plain(model, train, _config(args), adversarial=name == "pgd-at")
+        seconds = time.perf_counter() - start
+        atomic_torch_save(_plain_payload(model, {"name": args.model, "kwargs": kwargs}, name),
+                          path)
+        atomic_write_text(json.dumps({"train_seconds": seconds}), run_dir / "time.json")
+    result = evaluate(model, test, None, attack=args.attack, steps=args.steps,
+                      n_examples=args.n_examples, subset_seed=0, seed=args.seed,
+                      progress=not args.no_progress)
+    result.to_json(run_dir / "sweep.json")
+    return result, seconds
+
+
+def markdown_table(results: dict[str, tuple[SweepResult, float]]) -> str:
+    lines = ["| model | λ | clean acc (%) | robust acc (%) | train time (min) |",
+             "|---|---|---|---|---|"]
+    for name, (result, seconds) in results.items():
+        for row in result:
+            lam = "–" if row.lam is None else f"{row.lam:g}"
+            lines.append(f"| {name} | {lam} | {100 * row.clean_acc:.1f} | "
+                         f"{100 * row.robust_acc:.1f} | {seconds / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_TARBALL),
+                   help="'bundled', the CIFAR-10 JPEG tarball, or its extracted directory")
+    p.add_argument("--model", default="resnet10t", help="timm backbone")
+    p.add_argument("--model-kwargs", type=json.loads,
+                   default={"channels": [32, 64, 128, 256]}, metavar="JSON",
+                   help="timm.create_model kwargs")
+    p.add_argument("--methods", default="film",
+                   help="comma-separated conditional methods, each trained once")
+    p.add_argument("--baselines", default=",".join(BASELINES),
+                   help=f"comma-separated plain baselines among {', '.join(BASELINES)} "
+                   "('' for none)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="cap on optimizer steps per run (smoke runs)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--train-attack", default="fgsm-rs", help="pgd or fgsm-rs")
+    p.add_argument("--train-steps", type=int, default=1, help="training attack iterations")
+    p.add_argument("--lambdas", default="0,0.2,0.4,0.6,0.8,1",
+                   type=lambda s: [float(v) for v in s.split(",")], help="λ sweep")
+    p.add_argument("--attack", default="pgd", help="evaluation attack")
+    p.add_argument("--steps", type=int, default=20, help="evaluation attack iterations")
+    p.add_argument("--n-examples", type=int, default=1000,
+                   help="test images (a seeded random subset, the same for every model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "bench" / "out" / "tradeoff"))
+    p.add_argument("--retrain", action="store_true", help="ignore cached models")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    methods = [m for m in args.methods.split(",") if m]
+    baselines = [b for b in args.baselines.split(",") if b]
+    for m in methods:
+        oat_plugins.get_method(m)  # unknown method → a clear error before any training
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise SystemExit(f"unknown baselines {unknown}; choose among {BASELINES}")
+    out = Path(args.out)
+    started = time.perf_counter()
+    train, test, described = load_data(args.data)
+    results: dict[str, tuple[SweepResult, float]] = {}
+    for m in methods:
+        results[m] = run_method(m, args, train, test, out)
+    for b in baselines:
+        results[{"standard": "standard (plain)", "pgd-at": "PGD-AT (plain)"}[b]] = \
+            run_baseline(b, args, train, test, out)
+    attack = next(iter(results.values()))[0].meta["attack"]
+    table = markdown_table(results)
+    cfg = _config(args)
+    setting = (f"{args.model} {json.dumps(args.model_kwargs)} on {described}; training "
+               f"{cfg.epochs} epoch(s), batch {cfg.batch_size}, SGD lr {cfg.lr} cosine, "
+               f"{cfg.attack} ({cfg.steps} step(s)) at ε=8/255"
+               + (f", max {cfg.max_steps} steps" if cfg.max_steps else "")
+               + f"; evaluation {attack} on {args.n_examples} test images (seeded subset); "
+               f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+               f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
+    curves = {name: r for name, (r, _) in results.items() if name in methods}
+    refs = {name: (r.rows[0].clean_acc, r.rows[0].robust_acc)
+            for name, (r, _) in results.items() if name not in methods}
+    plot_tradeoff(curves, out / "tradeoff.png", references=refs,
+                  title=f"{args.model}, {attack}")
+    total = time.perf_counter() - started
+    atomic_write_text(f"{setting}\n\n{table}\n\ntotal wall time {total / 60:.1f} min\n",
+                      out / "tradeoff.md")
+    atomic_write_text(json.dumps({
+        "setting": setting, "args": vars(args), "total_seconds": total,
+        "results": {name: {"train_seconds": s, **r.to_dict()}
+                    for name, (r, s) in results.items()}}, indent=2, ensure_ascii=False),
+        out / "results.json")
+    print(setting)
+    print()
+    print(table)
+    print(f"\ntotal wall time {total / 60:.1f} min; wrote {out / 'tradeoff.md'}, "
+          f"{out / 'results.json'}, {out / 'tradeoff.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
