@@ -79,6 +79,7 @@ def _extract(tarball: Path) -> Path:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+        os.chmod(target, 0o755)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
