@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AutoAttack", "install", "is_installed", "native_autoattack", "autoattack_class"]
+__all__ = ["install", "is_installed", "native_autoattack", "autoattack_class"]
 
 logger = logging.getLogger(__name__)
 

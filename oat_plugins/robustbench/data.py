@@ -75,7 +75,7 @@ def _from_tar(path: Path, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         if any(len(p) >= 3 and p[-3] == "test" for p in parts):
             root = ("test",)
         by_class: dict[str, list[tarfile.TarInfo]] = {}
-        for m, p in zip(members, parts):
+        for m, p in zip(members, parts, strict=True):
             if root and (len(p) < 3 or p[-3] != "test"):
                 continue
             if len(p) < 2:

@@ -17,11 +17,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
+
+from .._io import atomic_write_text
 
 __all__ = [
     "DATASETS",
@@ -219,25 +220,11 @@ def measured_on(entry: Mapping[str, Any]) -> str | None:
     return f"{match['data']}, n={match['n']}"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    # TODO(lead): dedupe with oat_plugins._io.atomic_write_bytes once it lands.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_entry(entry: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Validate ``entry`` and write it to ``path`` as JSON, atomically (temp file + replace)."""
     validate_entry(entry)
     path = Path(path)
-    _atomic_write_text(path, json.dumps(dict(entry), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(json.dumps(dict(entry), indent=2, ensure_ascii=False) + "\n", path)
     return path
 
 

@@ -84,10 +84,12 @@ def _load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> nn.M
 
 def architecture_of(model: nn.Module) -> str:
     """A readable architecture name: the timm backbone name when known, else the class."""
-    for attr in ("backbone_name",):
-        name = getattr(model, attr, None)
-        if isinstance(name, str) and name:
-            return name
+    name = getattr(model, "backbone_name", None)
+    if isinstance(name, str) and name:
+        return name
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module):
+        model = backbone
     for module in model.modules():
         cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
         if isinstance(cfg, Mapping) and cfg.get("architecture"):
