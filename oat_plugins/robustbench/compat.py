@@ -277,6 +277,8 @@ def install() -> types.ModuleType:
     with _temporary_modules(temporary), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="pkg_resources")
+        # robustbench 1.1.1 imports timm through paths timm deprecated; not the user's concern
+        warnings.filterwarnings("ignore", message="Importing from timm", category=DeprecationWarning)
         module = importlib.import_module("robustbench")
         importlib.import_module("robustbench.eval")
     _INSTALLED = True

@@ -122,7 +122,7 @@ def entry_id(model_name: str, lam: float | None) -> str:
         )
     if lam is None:
         return model_name
-    return f"{model_name}_lam{lam:g}".replace(".", "p").replace("-", "m")
+    return f"{model_name}_lam" + f"{lam:g}".replace(".", "p").replace("-", "m")
 
 
 def make_entry(

@@ -7,7 +7,8 @@ After ``register(name, checkpoint, lam, dataset, threat_model)``:
   ``<name lower, '-'→'_'>_<dataset>_<threat lower>`` and that name is registered with timm;
 * ``timm.create_model(<that timm name>)`` builds the same model;
 * ``robustbench.model_zoo.model_dicts[dataset][threat_model][name]`` lists it (so tools that
-  enumerate the zoo see it), with ``gdrive_id=None``.
+  enumerate the zoo see it), with ``gdrive_id=None``. Where RobustBench has no zoo for the
+  pair (CIFAR-100 L2), an empty one is added and removed again by :func:`unregister`.
 
 Each build returns a fresh model (the checkpoint is loaded again, or an in-memory model is
 deep-copied) at that λ, in eval mode; by default a conditional model is exported to a plain
@@ -21,6 +22,7 @@ import copy
 import os
 import sys
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,7 @@ class _Registration:
 
 
 _REGISTERED: dict[str, _Registration] = {}  # timm name -> registration
+_CREATED_ZOOS: set[tuple[str, str]] = set()  # (dataset, threat) dicts added to model_dicts
 
 
 def timm_name(name: str, dataset: str, threat_model: str) -> str:
@@ -155,7 +158,11 @@ def register(
     if tname not in _REGISTERED and timm.is_model(tname):
         raise ValueError(f"timm already has a model named {tname!r}; choose another name")
     model_dicts, BenchmarkDataset, ThreatModel = _model_dicts()
-    zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)]
+    zoos = model_dicts[BenchmarkDataset(dataset)]
+    if ThreatModel(threat_model) not in zoos:  # e.g. cifar100/L2: RobustBench has no zoo
+        zoos[ThreatModel(threat_model)] = OrderedDict()
+        _CREATED_ZOOS.add((dataset, threat_model))
+    zoo = zoos[ThreatModel(threat_model)]
     if name in zoo and tname not in _REGISTERED:
         raise ValueError(f"RobustBench already has a {dataset}/{threat_model} model named "
                          f"{name!r}; choose another name")
@@ -191,7 +198,12 @@ def unregister(name: str, dataset: str = "cifar10", threat_model: str = "Linf") 
     if hasattr(_timm_entrypoints, tname):
         delattr(_timm_entrypoints, tname)
     model_dicts, BenchmarkDataset, ThreatModel = _model_dicts()
-    model_dicts[BenchmarkDataset(reg.dataset)][ThreatModel(reg.threat_model)].pop(reg.name, None)
+    zoos = model_dicts[BenchmarkDataset(reg.dataset)]
+    zoos[ThreatModel(reg.threat_model)].pop(reg.name, None)
+    key = (reg.dataset, reg.threat_model)
+    if key in _CREATED_ZOOS and not zoos[ThreatModel(reg.threat_model)]:
+        del zoos[ThreatModel(reg.threat_model)]
+        _CREATED_ZOOS.discard(key)
 
 
 def registered() -> dict[str, tuple[str, str, str, float | None]]:
