@@ -20,8 +20,8 @@ What :func:`install` does, and nothing else:
    so ``import autoattack`` elsewhere behaves exactly as before.
 2. If ``pkg_resources`` cannot be imported, a minimal temporary stand-in (only
    ``resource_filename``, the one function robustbench uses) is present during the same
-   import and removed afterwards. setuptools' deprecation warning for ``pkg_resources`` is
-   silenced during that import only.
+   import and removed afterwards. setuptools' deprecation warning for ``pkg_resources`` and
+   timm's for the old import paths robustbench uses are silenced during that import only.
 3. If robustbench is already imported and working, it does nothing at all.
 
 It is idempotent and cheap after the first call. ``import oat_plugins`` never imports
@@ -278,7 +278,8 @@ def install() -> types.ModuleType:
         warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="pkg_resources")
         # robustbench 1.1.1 imports timm through paths timm deprecated; not the user's concern
-        warnings.filterwarnings("ignore", message="Importing from timm", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Importing from timm",
+                                category=DeprecationWarning)
         module = importlib.import_module("robustbench")
         importlib.import_module("robustbench.eval")
     _INSTALLED = True
