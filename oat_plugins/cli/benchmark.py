@@ -76,21 +76,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import oat_plugins
-    from oat_plugins.robustbench import benchmark
-    from oat_plugins.robustbench.protocol import written_path
+    from oat_plugins.robustbench import benchmark, load_data
+    from oat_plugins.robustbench.protocol import check_lambda, written_path
 
     path = Path(args.checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    for lam in args.lambdas:  # all of them before the first (long) run
+        check_lambda(lam)
     name = args.name or path.stem.replace(".", "_")
     model = oat_plugins.load(path, map_location="cpu")
+    x, y, label = load_data(args.dataset, args.n_examples, args.data, args.data_label)
     print(f"{'λ':>6}  {'clean (%)':>9}  {'robust (%)':>10}")
     for lam in args.lambdas:
         result = benchmark(
             model, lam, dataset=args.dataset, threat_model=args.threat_model,
-            n_examples=args.n_examples, data=args.data, batch_size=args.batch_size,
+            n_examples=args.n_examples, data=(x, y), batch_size=args.batch_size,
             eps=args.eps, to_disk=args.results is not None, model_name=name,
-            results_dir=args.results or "model_info", data_label=args.data_label,
+            results_dir=args.results or "model_info", data_label=label,
             device=args.device, seed=args.seed, attack_budget=args.attack_budget,
             progress=not args.no_progress,
         )

@@ -16,6 +16,7 @@ Every loader returns ``(x, y, label)`` where ``label`` names the data for report
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tarfile
@@ -65,6 +66,15 @@ def _stack(images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor,
 
 
 def _from_tar(path: Path, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # reading a .tar.gz index means decompressing all of it: remember recent reads
+    stat = path.stat()
+    x, y = _from_tar_cached(path.resolve(), stat.st_mtime_ns, stat.st_size, n)
+    return x.clone(), y.clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _from_tar_cached(path: Path, mtime_ns: int, size: int,
+                     n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image
 
     with tarfile.open(path, "r:*") as tar:

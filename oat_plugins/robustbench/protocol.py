@@ -256,6 +256,8 @@ def benchmark(
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if lam is not None:
+        check_lambda(lam)  # fail before reading data
     if to_disk and not model_name:
         raise ValueError("to_disk=True needs model_name=")
     stem = entry_id(model_name, lam) if model_name else None  # validates the name early
