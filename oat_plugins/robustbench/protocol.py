@@ -151,6 +151,19 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@contextmanager
+def _on_device(model: nn.Module, device: torch.device | str | None) -> Iterator[torch.device]:
+    """Run on ``device`` (default: where the model is), moving the model back afterwards."""
+    home = _model_device(model)
+    dev = torch.device(device) if device is not None else home
+    model.to(dev)
+    try:
+        yield dev
+    finally:
+        if dev != home:
+            model.to(home)
+
+
 def _check_deterministic(model: nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         first = model(x)
@@ -230,7 +243,7 @@ def benchmark(
         model_name: the entry's id (needed with ``to_disk``).
         results_dir: the root folder for ``to_disk``.
         data_label: how the data is named in the entry (default derived from ``data``).
-        device: where to run (default: the model's device).
+        device: where to run (default: the model's device; moved back afterwards).
         seed: AutoAttack's seed (fixed, so runs are reproducible).
         attack_budget: reduce AutoAttack for smoke tests, keys ``n_iter``,
             ``n_target_classes``, ``n_queries``. The entry's footnote then says so; such
@@ -265,9 +278,7 @@ def benchmark(
     x, y, label = load_data(dataset, n_examples, data, data_label)
     AutoAttack = compat.autoattack_class()
 
-    with model_at(model, lam) as net:
-        dev = torch.device(device) if device is not None else _model_device(net)
-        net.to(dev)
+    with model_at(model, lam) as net, _on_device(net, device) as dev:
         with torch.no_grad():
             probe = net(x[:2].to(dev)) if x.shape[0] else None
         if probe is not None and probe.shape[-1] != NUM_CLASSES[dataset]:
