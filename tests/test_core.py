@@ -137,7 +137,9 @@ def test_vit_mixed_batch_and_dual_layernorm(images):
     lams = torch.tensor([1.0, 0.0, 0.5, 0.1])
     with torch.no_grad():
         mixed = model.set_lambda(lams)(images)
-        single = torch.cat([model.set_lambda(float(v))(images[i : i + 1]) for i, v in enumerate(lams)])
+        single = torch.cat(
+            [model.set_lambda(float(v))(images[i : i + 1]) for i, v in enumerate(lams)]
+        )
     assert torch.allclose(mixed, single, atol=1e-4)
 
 

@@ -9,7 +9,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ("info",)
+COMMANDS: tuple[str, ...] = (
+    "info",
+    "benchmark",
+    "leaderboard",
+)
 """Command modules, in the order ``--help`` lists them."""
 
 
