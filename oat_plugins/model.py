@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +15,11 @@ import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-from torchvision.transforms import Normalize
+
+with warnings.catch_warnings():
+    # torchvision 0.29 uses torch.jit.interface, deprecated in torch 2.14: noise for our users.
+    warnings.filterwarnings("ignore", message=".*torch.jit.interface", category=FutureWarning)
+    from torchvision.transforms import Normalize
 
 from ._io import atomic_torch_save
 from ._version import __version__
