@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +15,11 @@ import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-from torchvision.transforms import Normalize
+
+with warnings.catch_warnings():
+    # torchvision 0.29 uses torch.jit.interface, deprecated in torch 2.14: noise for our users.
+    warnings.filterwarnings("ignore", message=".*torch.jit.interface", category=FutureWarning)
+    from torchvision.transforms import Normalize
 
 from ._io import atomic_torch_save
 from ._version import __version__
@@ -233,9 +238,12 @@ def _backbone_spec(backbone: nn.Module, model_kwargs: dict[str, Any] | None) -> 
     in_chans = _in_chans(backbone)
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
-    img_size = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        kwargs["img_size"] = tuple(int(s) for s in img_size)
+    # timm's ViT-style models take the token grid from these; the state dict depends on it.
+    patch_embed = getattr(backbone, "patch_embed", None)
+    for key in ("img_size", "patch_size"):
+        value = getattr(patch_embed, key, None)
+        if value is not None:
+            kwargs[key] = tuple(int(s) for s in value)
     kwargs.update(model_kwargs or {})
     return {"name": name, "kwargs": kwargs}
 

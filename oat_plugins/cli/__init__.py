@@ -15,6 +15,8 @@ COMMANDS: tuple[str, ...] = (
     "eval",
     "export",
     "demo",
+    "benchmark",
+    "leaderboard",
 )
 """Command modules, in the order ``--help`` lists them."""
 
