@@ -8,7 +8,7 @@ and evaluates everything with the same attack on the same test images. Prints on
 table and writes ``results.json``, ``tradeoff.md`` and ``tradeoff.png`` into ``--out``.
 
 The default budget (a narrow ResNet-10-T, FGSM-RS training as in "Fast is better than free",
-2 epochs on CIFAR-10) is sized for about 30 minutes on a 2-core CPU for film + both baselines;
+10 epochs on CIFAR-10) is sized for about 30 minutes on a 2-core CPU for film + both baselines;
 PGD-20 evaluation on 1,000 test images. Runs are cached: a finished model in
 ``--out/<name>/model.pt`` is reused (``--retrain`` to force), and an interrupted ``fit`` resumes.
 
@@ -276,7 +276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help=f"comma-separated plain baselines among {', '.join(BASELINES)} "
                    "('' for none)")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-steps", type=int, default=None,
                    help="cap on optimizer steps per run (smoke runs)")
     p.add_argument("--batch-size", type=int, default=128)
