@@ -20,6 +20,7 @@ DEMO_MODEL = "resnet10t"
 DEMO_MODEL_KWARGS: dict[str, Any] = {"channels": [32, 64, 128, 256]}
 """A narrow ResNet-10-T (1.3 M parameters; 2.3 M with FiLM) that trains in minutes on a CPU."""
 DEMO_LAMBDAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+DEMO_TRAIN_LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -49,15 +50,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="timm.create_model kwargs (default for resnet10t: "
                         f"{json.dumps(DEMO_MODEL_KWARGS)}, a narrow variant)")
     parser.add_argument("--method", default="film", help="conditioning method")
-    parser.add_argument("--epochs", type=positive_int, default=6, help="training epochs")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs")
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="stop training after this many optimizer steps")
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
-    parser.add_argument("--train-attack", default="fgsm-rs",
-                        help="training attack: fgsm-rs (fast AT) or pgd")
-    parser.add_argument("--train-steps", type=positive_int, default=1,
+    parser.add_argument("--train-attack", default="pgd",
+                        help="training attack: pgd or fgsm-rs (fast AT)")
+    parser.add_argument("--train-steps", type=positive_int, default=2,
                         help="training attack iterations (pgd)")
+    parser.add_argument("--train-lambdas", type=parse_lambdas, default=DEMO_TRAIN_LAMBDAS,
+                        metavar="LIST", help="training λ set (OAT's)")
+    parser.add_argument("--clean-fraction", type=float, default=0.5,
+                        help="share of each training batch at λ = 0 (OAT: 1/6); a short run "
+                        "needs more clean samples for the clean branch to pull ahead")
     parser.add_argument("--lambdas", type=parse_lambdas, default=DEMO_LAMBDAS,
                         metavar="LIST", help="λ values to evaluate")
     parser.add_argument("--attack", default="pgd", help="evaluation attack")
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         attack=args.train_attack, steps=args.train_steps, seed=args.seed,
+        lambdas=tuple(args.train_lambdas), clean_fraction=args.clean_fraction,
         max_steps=args.max_steps, eval_adversarial=False, eval_max_samples=500,
         progress=not args.no_progress,
     )
@@ -111,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
                       progress=not args.no_progress)
     result.meta.update(data="bundled CIFAR-10 sample (test)", train_seconds=round(trained, 1),
                        train=dict(epochs=args.epochs, max_steps=args.max_steps,
-                                  attack=args.train_attack, steps=args.train_steps),
+                                  attack=args.train_attack, steps=args.train_steps,
+                                  lambdas=list(args.train_lambdas),
+                                  clean_fraction=args.clean_fraction),
                        model_kwargs=model_kwargs)
     result.to_json(out / "metrics.json")
     result.to_csv(out / "metrics.csv")
