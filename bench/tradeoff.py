@@ -20,6 +20,7 @@ PGD-20 evaluation on 1,000 test images. Runs are cached: a finished model in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -184,9 +185,14 @@ def _plain_payload(model: nn.Sequential, spec: dict[str, Any], name: str) -> dic
 
 # -- the benchmark ---------------------------------------------------------------------------
 def _config(args: argparse.Namespace) -> TrainConfig:
+    lambdas = args.train_lambdas
+    if lambdas is None and args.clean_fraction is not None:
+        lambdas = [0.0, 0.1, 0.2, 0.3, 0.4, 1.0]  # OAT's set, with another clean share
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        attack=args.train_attack, steps=args.train_steps, seed=args.seed,
                        max_steps=args.max_steps, eval_adversarial=False,
+                       lambdas=None if lambdas is None else tuple(lambdas),
+                       clean_fraction=args.clean_fraction,
                        eval_max_samples=500, progress=not args.no_progress)
 
 
@@ -198,14 +204,40 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def _fingerprint(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    """What a cached model was trained with; a mismatch means it cannot be reused."""
+    config = dataclasses.asdict(_config(args))
+    for key in ("progress", "eval_max_samples", "eval_adversarial"):
+        config.pop(key, None)
+    return json.loads(json.dumps({"kind": kind, "model": args.model,
+                                  "model_kwargs": _model_kwargs(args), "data": args.data,
+                                  "config": config}))
+
+
+def _cached(run_dir: Path, args: argparse.Namespace, kind: str) -> float | None:
+    """Training seconds of a reusable cached run, None when there is none."""
+    if args.retrain or not (run_dir / "model.pt").is_file():
+        return None
+    info = json.loads((run_dir / "time.json").read_text())
+    if info.get("fingerprint") != _fingerprint(args, kind):
+        raise SystemExit(f"{run_dir} holds a model trained with other settings; pass "
+                         "--retrain or another --out")
+    logger.info("reusing %s", run_dir / "model.pt")
+    return float(info["train_seconds"])
+
+
+def _record(run_dir: Path, args: argparse.Namespace, kind: str, seconds: float) -> None:
+    atomic_write_text(json.dumps({"train_seconds": seconds,
+                                  "fingerprint": _fingerprint(args, kind)}),
+                      run_dir / "time.json")
+
+
 def run_method(method: str, args, train, test, out: Path) -> tuple[SweepResult, float]:
     """Train ``method`` once (or reuse its model.pt) and sweep λ."""
     run_dir = out / method
-    seconds = float("nan")
-    if (run_dir / "model.pt").is_file() and not args.retrain:
-        logger.info("reusing %s", run_dir / "model.pt")
+    seconds = _cached(run_dir, args, method)
+    if seconds is not None:
         model = oat_plugins.load(run_dir / "model.pt")
-        seconds = json.loads((run_dir / "time.json").read_text())["train_seconds"]
     else:
         if args.retrain and run_dir.exists():
             shutil.rmtree(run_dir)
@@ -217,7 +249,7 @@ def run_method(method: str, args, train, test, out: Path) -> tuple[SweepResult, 
         fit(model, train, _config(args), run_dir, resume=True, eval_data=test)
         seconds = time.perf_counter() - start
         oat_plugins.save(model, run_dir / "model.pt")
-        atomic_write_text(json.dumps({"train_seconds": seconds}), run_dir / "time.json")
+        _record(run_dir, args, method, seconds)
     result = evaluate(model, test, args.lambdas, attack=args.attack, steps=args.steps,
                       n_examples=args.n_examples, subset_seed=0, seed=args.seed,
                       progress=not args.no_progress)
@@ -229,10 +261,9 @@ def run_baseline(name: str, args, train, test, out: Path) -> tuple[SweepResult, 
     """Train the plain backbone (standard or PGD-AT) with the same recipe and evaluate it."""
     run_dir = out / name
     path = run_dir / "model.pt"
-    if path.is_file() and not args.retrain:
-        logger.info("reusing %s", path)
+    seconds = _cached(run_dir, args, name)
+    if seconds is not None:
         model = from_exported(torch.load(path, weights_only=True), source=repr(str(path)))
-        seconds = json.loads((run_dir / "time.json").read_text())["train_seconds"]
     else:
         kwargs = _model_kwargs(args)
         torch.manual_seed(args.seed)
@@ -243,7 +274,7 @@ def run_baseline(name: str, args, train, test, out: Path) -> tuple[SweepResult, 
         seconds = time.perf_counter() - start
         atomic_torch_save(_plain_payload(model, {"name": args.model, "kwargs": kwargs}, name),
                           path)
-        atomic_write_text(json.dumps({"train_seconds": seconds}), run_dir / "time.json")
+        _record(run_dir, args, name, seconds)
     result = evaluate(model, test, None, attack=args.attack, steps=args.steps,
                       n_examples=args.n_examples, subset_seed=0, seed=args.seed,
                       progress=not args.no_progress)
@@ -260,6 +291,10 @@ def markdown_table(results: dict[str, tuple[SweepResult, float]]) -> str:
             lines.append(f"| {name} | {lam} | {100 * row.clean_acc:.1f} | "
                          f"{100 * row.robust_acc:.1f} | {seconds / 60:.1f} |")
     return "\n".join(lines)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -283,8 +318,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--train-attack", default="fgsm-rs", help="pgd or fgsm-rs")
     p.add_argument("--train-steps", type=int, default=1, help="training attack iterations")
+    p.add_argument("--train-lambdas", default=None, type=_floats,
+                   help="training λ set of the conditional methods (default: each method's "
+                   "own sampler, OAT's {0,.1,.2,.3,.4,1} for film)")
+    p.add_argument("--clean-fraction", type=float, default=None,
+                   help="share of each batch at λ = 0 (default: the sampler's, 1/6 for film)")
     p.add_argument("--lambdas", default="0,0.2,0.4,0.6,0.8,1",
-                   type=lambda s: [float(v) for v in s.split(",")], help="λ sweep")
+                   type=_floats, help="λ sweep")
     p.add_argument("--attack", default="pgd", help="evaluation attack")
     p.add_argument("--steps", type=int, default=20, help="evaluation attack iterations")
     p.add_argument("--n-examples", type=int, default=1000,
@@ -321,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     setting = (f"{args.model} {json.dumps(args.model_kwargs)} on {described}; training "
                f"{cfg.epochs} epoch(s), batch {cfg.batch_size}, SGD lr {cfg.lr} cosine, "
                f"{cfg.attack} ({cfg.steps} step(s)) at ε=8/255"
+               + (f", training λ {list(cfg.lambdas)} with clean fraction "
+                  f"{cfg.clean_fraction if cfg.clean_fraction is not None else 'default'}"
+                  if cfg.lambdas else ", each method's default λ sampler")
                + (f", max {cfg.max_steps} steps" if cfg.max_steps else "")
                + f"; evaluation {attack} on {args.n_examples} test images (seeded subset); "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
