@@ -89,12 +89,12 @@ def test_export_errors(checkpoint, tmp_path, capsys):
 def test_eval_end_to_end_on_the_bundled_sample(checkpoint, tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["eval", "--checkpoint", str(checkpoint), "--data", "bundled",
-                 "--lambdas", "0,0.5,1", "--attack", "pgd", "--steps", "1",
+                 "--lambdas", "0,0.5,1", "--attack", "pgd", "--steps", "1", "--eps", "4/255",
                  "--n-examples", "12", "--batch-size", "6", "--out", str(out),
                  "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| λ | clean acc (%)" in printed and "PGD-1" in printed
+    assert "| λ | clean acc (%)" in printed and "PGD-1 (L∞, ε=4/255" in printed
     result = SweepResult.from_json(out / "metrics.json")
     assert result.lambdas == [0.0, 0.5, 1.0]
     assert all(r.n == 12 and 0 <= r.robust_acc <= r.clean_acc <= 1 for r in result)
@@ -108,6 +108,7 @@ def test_eval_end_to_end_on_the_bundled_sample(checkpoint, tmp_path, capsys):
     assert result.row(0.5).clean_acc == pytest.approx(clean)
     meta = json.loads((out / "metrics.json").read_text())["meta"]
     assert meta["data"] == "bundled" and meta["steps"] == 1
+    assert meta["eps"] == pytest.approx(4 / 255)
 
 
 def test_eval_of_an_exported_model_has_one_row(checkpoint, tmp_path, capsys):
@@ -129,7 +130,8 @@ def test_eval_of_an_exported_model_has_one_row(checkpoint, tmp_path, capsys):
     "argv, message",
     [(["--lambdas", "0,2"], "not in [0, 1]"), (["--lambdas", "0,,1"], "comma-separated"),
      (["--lambdas", "a"], "not a number"), (["--attack", "pgd7"], "invalid choice"),
-     (["--n-examples", "0"], "positive integer")],
+     (["--n-examples", "0"], "positive integer"), (["--eps", "8/0"], "8/255"),
+     (["--eps", "-1"], "positive number")],
 )
 def test_eval_rejects_bad_arguments(checkpoint, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
