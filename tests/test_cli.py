@@ -160,15 +160,17 @@ def test_demo_end_to_end_with_tiny_settings(tmp_path, capsys):
     result = SweepResult.from_json(out / "metrics.json")
     assert result.lambdas == [0.0, 1.0]
     assert all(r.n == 16 and 0 <= r.robust_acc <= r.clean_acc <= 1 for r in result)
-    assert (out / "tradeoff.png").is_file() and (out / "metrics.csv").is_file()
+    assert (out / "tradeoff.png").is_file()
+    assert (out / "metrics.csv").read_text().startswith("lam,clean_acc,robust_acc")
+    assert (out / "train" / "last.pt").is_file()
     model = oat_plugins.load(out / "model.pt")
     assert model.method_name == "film" and model.backbone_spec["kwargs"]["stem_width"] == 8
     # The training checkpoint next to it feeds eval and export directly.
-    assert main(["eval", "--checkpoint", str(out / "last.pt"), "--lambdas", "1",
+    assert main(["eval", "--checkpoint", str(out / "train" / "last.pt"), "--lambdas", "1",
                  "--attack", "fgsm", "--n-examples", "16", "--out", str(out / "eval"),
                  "--no-progress"]) == 0
     again = SweepResult.from_json(out / "eval" / "metrics.json")
     assert again.rows[0].clean_acc == result.row(1.0).clean_acc
-    assert main(["export", "--checkpoint", str(out / "last.pt"), "--lambda", "0",
+    assert main(["export", "--checkpoint", str(out / "train" / "last.pt"), "--lambda", "0",
                  "--out", str(out / "plain.pt")]) == 0
     assert oat_plugins.exported.exported_lambda(out / "plain.pt") == 0.0

@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Wrap a small timm backbone with --method, train it once-for-all on the "
         "CIFAR-10 sample bundled with the package (4,000 train images), then evaluate clean "
         "and PGD accuracy on the first --n-examples bundled test images for every λ of "
-        "--lambdas. Prints the table; writes model.pt, metrics.json, metrics.csv, "
-        "tradeoff.png (and the training log) into --out.",
+        "--lambdas. Prints the table; writes model.pt, metrics.json, metrics.csv and "
+        "tradeoff.png into --out, and the training checkpoint and log into --out/train.",
         epilog="example: oat-plugins demo --out runs/demo",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     test_data = load_dataset("bundled", "test")
     print(f"training {args.method} on {len(train_data)} bundled CIFAR-10 images for "
           f"{args.epochs} epoch(s) ({args.train_attack}) ...")
-    fit(model, train_data, config, out, eval_data=test_data)
+    fit(model, train_data, config, out / "train", eval_data=test_data)
     trained = time.perf_counter() - started
     oat_plugins.save(model, out / "model.pt")
 
