@@ -48,7 +48,7 @@ def _explicit_pad(x: torch.Tensor, spec: ConvSpec, kernel_size: tuple[int, int])
         if spec.padding == "valid":
             return x
         # torch 'same': total d*(k-1), left = total // 2
-        tot = [d * (k - 1) for d, k in zip(spec.dilation, kernel_size)]
+        tot = [d * (k - 1) for d, k in zip(spec.dilation, kernel_size, strict=True)]
         return F.pad(x, [tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2])
     ph, pw = spec.padding
     if ph == 0 and pw == 0:
@@ -231,7 +231,7 @@ def compute_alphas(
                         outs.append(calls[0][1])
                     grads = torch.autograd.grad(margin.sum(), outs)
                 denom = 2.0 * margin.detach().to(torch.float64).square().clamp_min(margin_eps)
-                for (name, conv), go in zip(eligible.items(), grads):
+                for (name, conv), go in zip(eligible.items(), grads, strict=True):
                     xin = captured[name][0][0]
                     sq = _per_pair_channel_sqnorms(xin, go.detach(), conv, specs[name], max_elems)
                     kh, kw = conv.kernel_size

@@ -101,18 +101,37 @@ def channel_svd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched thin SVD of every per-input-channel matrix ``W_c``, in float64.
 
+    Computed from the eigendecomposition of the small Gram matrix (``W_c^T W_c`` if
+    ``M/g >= Kh*Kw``, else ``W_c W_c^T``) in float64, which is exact up to float64 rounding
+    relative to ``||W_c||^2`` for the squared singular values (what the errors are made of) and
+    much faster than a batched LAPACK SVD for the tall, thin ``W_c`` of conv layers. The scaled
+    left vectors ``U S`` are formed as ``W_c V`` (no division by small singular values).
+
     Returns:
-        ``U (C, M/g, r)``, ``S (C, r)`` (descending), ``Vh (C, r, Kh*Kw)`` with
-        ``r = min(M/g, Kh*Kw)`` and C the number of (global) input channels.
+        ``US (C, M/g, r)`` (columns ``s_k u_k``), ``S (C, r)`` (descending, >= 0) and
+        ``Vh (C, r, Kh*Kw)`` with ``r = min(M/g, Kh*Kw)`` and C the (global) input channels.
     """
     _check_weight(weight, groups)
     m, cg, kh, kw = weight.shape
-    mg = m // groups
+    mg, kk = m // groups, kh * kw
     w = weight.detach().to(torch.float64)
     # (M, Cg, K) -> (g, Mg, Cg, K) -> (g, Cg, Mg, K) -> (C, Mg, K)
-    mats = w.reshape(groups, mg, cg, kh * kw).permute(0, 2, 1, 3).reshape(groups * cg, mg, kh * kw)
-    u, s, vh = torch.linalg.svd(mats, full_matrices=False)
-    return u, s, vh
+    mats = w.reshape(groups, mg, cg, kk).permute(0, 2, 1, 3).reshape(groups * cg, mg, kk)
+    if kk <= mg:
+        lam, v = torch.linalg.eigh(mats.transpose(1, 2) @ mats)  # ascending
+        lam, v = lam.flip(-1), v.flip(-1)
+        s = lam.clamp_min(0).sqrt()
+        us = mats @ v
+        vh = v.transpose(1, 2)
+    else:
+        lam, u = torch.linalg.eigh(mats @ mats.transpose(1, 2))
+        lam, u = lam.flip(-1), u.flip(-1)
+        s = lam.clamp_min(0).sqrt()
+        us = u * s.unsqueeze(1)
+        wtu = mats.transpose(1, 2) @ u  # (C, K, r) = V S
+        inv = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+        vh = (wtu * inv.unsqueeze(1)).transpose(1, 2)
+    return us, s, vh
 
 
 def _check_alpha(alpha: torch.Tensor | float | None, c: int) -> torch.Tensor:
@@ -136,7 +155,7 @@ def _check_alpha(alpha: torch.Tensor | float | None, c: int) -> torch.Tensor:
 def _factors_from_keep(
     weight: torch.Tensor,
     groups: int,
-    u: torch.Tensor,
+    us: torch.Tensor,
     s: torch.Tensor,
     vh: torch.Tensor,
     keep: torch.Tensor,
@@ -146,7 +165,7 @@ def _factors_from_keep(
     m, cg, kh, kw = weight.shape
     c_idx, k_idx = keep.nonzero(as_tuple=True)  # row-major: sorted by channel, then by k
     dw = vh[c_idx, k_idx].reshape(-1, kh, kw)
-    pw = u[c_idx, :, k_idx] * s[c_idx, k_idx].unsqueeze(-1)
+    pw = us[c_idx, :, k_idx]
     return GDWSFactors(
         channel_index=c_idx.to(device=weight.device, dtype=torch.long),
         depthwise=dw.to(device=weight.device, dtype=weight.dtype),
