@@ -183,7 +183,7 @@ def _scores(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     u, s, vh = channel_svd(weight, groups)
     a = _check_alpha(alpha, s.shape[0])
-    return u, s, vh, a.unsqueeze(1) * s.square()
+    return u, s, vh, a.to(s.device).unsqueeze(1) * s.square()
 
 
 def mego(
@@ -216,7 +216,7 @@ def mego(
         )
     flat = scores.reshape(-1)
     order = torch.argsort(flat, descending=True, stable=True)
-    keep = torch.zeros(n, dtype=torch.bool)
+    keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
     keep[order[:budget]] = True
     error = flat[~keep].sum().item()
     return _factors_from_keep(weight, groups, u, s, vh, keep.reshape(scores.shape), error)
@@ -254,7 +254,7 @@ def lego(
     csum = torch.cumsum(flat[order], 0)
     n_drop = int((csum <= beta).sum().item())  # csum is non-decreasing
     n_drop = min(n_drop, n - 1)
-    keep = torch.ones(n, dtype=torch.bool)
+    keep = torch.ones(n, dtype=torch.bool, device=flat.device)
     keep[order[:n_drop]] = False
     error = flat[~keep].sum().item()
     return _factors_from_keep(weight, groups, u, s, vh, keep.reshape(scores.shape), error)
