@@ -145,9 +145,9 @@ def layer_table(orig: nn.Module, conv_model: nn.Module, x: torch.Tensor, repeats
         orig(x)
     for h in hooks:
         h.remove()
-    rows = ["| layer | C→M | G | MAC red. | NCHW orig ms | NCHW gdws ms | speed-up "
+    rows = ["| layer | C→M | G | gather | MAC red. | NCHW orig ms | NCHW gdws ms | speed-up "
             "| NHWC orig ms | NHWC gdws ms | speed-up |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in conv_model.named_modules():
         if not isinstance(m, GDWSConv2d) or name not in inputs:
             continue
@@ -162,6 +162,7 @@ def layer_table(orig: nn.Module, conv_model: nn.Module, x: torch.Tensor, repeats
         m.to(memory_format=torch.contiguous_format)
         rows.append(
             f"| {name} | {m.in_channels}→{m.out_channels} | {m.num_components} "
+            f"| {'yes' if m.gather else 'no'} "
             f"| {m.original_macs_per_pixel / m.macs_per_pixel:.2f}x | {to * 1e3:.3f} "
             f"| {tg * 1e3:.3f} | {to / tg:.2f}x | {to2 * 1e3:.3f} | {tg2 * 1e3:.3f} "
             f"| {to2 / tg2:.2f}x |"

@@ -10,6 +10,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from timm.layers import create_conv2d
 from timm.layers.conv2d_same import Conv2dSame
 from timm.layers.std_conv import ScaledStdConv2dSame, StdConv2d
@@ -203,6 +205,36 @@ def test_full_rank_layer_reproduces_conv(kind: str) -> None:
         assert (out - ref).abs().max().item() <= 1e-4
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    cg=st.integers(1, 3), mg=st.integers(1, 4), groups=st.integers(1, 3),
+    kh=st.integers(1, 3), kw=st.integers(1, 3), stride=st.integers(1, 2),
+    dilation=st.integers(1, 2), padding=st.integers(0, 2), frac=st.floats(0.05, 1.0),
+    use_alpha=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_layer_equals_dense_conv_of_its_factors(
+    cg: int, mg: int, groups: int, kh: int, kw: int, stride: int, dilation: int, padding: int,
+    frac: float, use_alpha: bool, seed: int,
+) -> None:
+    """Any G, any geometry: the layer computes the conv with the approximated weight."""
+    gen = torch.Generator().manual_seed(seed)
+    c, m = cg * groups, mg * groups
+    w = torch.randn(m, cg, kh, kw, generator=gen)
+    b = torch.randn(m, generator=gen)
+    alpha = torch.rand(c, generator=gen) if use_alpha else None
+    n_full = full_rank(w, groups)
+    f = mego(w, alpha, max(1, round(frac * n_full)), groups=groups)
+    layer = GDWSConv2d.from_factors(f, bias=b, stride=stride, padding=padding,
+                                    dilation=dilation)
+    x = torch.randn(2, c, 7, 8, generator=gen)
+    ref = F.conv2d(x, f.weight(), b, stride, padding, dilation, groups)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= 1e-4
+    assert torch.allclose(layer.dense_weight(), f.weight(), atol=1e-5)
+
+
 def test_layer_macs_and_layouts() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, padding=1)
@@ -331,14 +363,18 @@ def test_convert_same_padding_and_std_convs_full_rank() -> None:
             assert (new(x) - net(x)).abs().max() <= 1e-4
 
 
-def test_convert_with_unknown_conv_subclass_leaves_it() -> None:
+def test_convert_leaves_unknown_conv_subclass_and_condconv() -> None:
+    from timm.layers import CondConv2d
+
     class Weird(nn.Conv2d):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x) * 2
 
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), Weird(8, 8, 3))
-    _, report = convert(net, budget=1)
-    assert not report[1].replaced and "forward" in report[1].reason
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), Weird(8, 8, 3), CondConv2d(8, 8, 3, num_experts=2))
+    new, report = convert(net, budget=1)
+    assert [r.replaced for r in report] == [False, False, False]
+    assert "forward" in report[1].reason and "CondConv2d" in report[2].reason
+    assert type(new[1]) is Weird
 
 
 @pytest.mark.parametrize(

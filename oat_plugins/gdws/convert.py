@@ -145,9 +145,15 @@ def eligible_convs(
     eligible: dict[str, nn.Conv2d] = {}
     skipped: dict[str, str] = {}
     first = True
+    from timm.layers import CondConv2d
+
     for name, m in model.named_modules():
         if isinstance(m, GDWSConv2d):
             skipped[name] = "already a GDWSConv2d"
+            first = False
+            continue
+        if isinstance(m, CondConv2d):
+            skipped[name] = "CondConv2d mixes expert weights per sample; no fixed weight"
             first = False
             continue
         if not isinstance(m, nn.Conv2d):
@@ -267,6 +273,10 @@ def _validate(beta: float | None, budget: Budget | None) -> None:
             raise ValueError(f"an int budget is G per layer, >= 1; got {budget}")
 
 
+def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -316,16 +326,15 @@ def convert(
     new = copy.deepcopy(model)
     report: list[GDWSLayerReport] = []
     for name, conv in model.named_modules():
-        if not isinstance(conv, nn.Conv2d) and not isinstance(conv, GDWSConv2d):
+        if not (isinstance(conv, nn.Conv2d) or name in skipped):
             continue
-        if isinstance(conv, GDWSConv2d):
-            continue
-        kh, kw = conv.kernel_size
+        kh, kw = _pair(conv.kernel_size)
+        groups = int(getattr(conv, "groups", 1))
         row = GDWSLayerReport(
             name=name, kind=type(conv).__name__, in_channels=conv.in_channels,
-            out_channels=conv.out_channels, kernel_size=(kh, kw), groups=conv.groups,
+            out_channels=conv.out_channels, kernel_size=(kh, kw), groups=groups,
             replaced=False,
-            macs_original=conv.in_channels * kh * kw * conv.out_channels // conv.groups,
+            macs_original=conv.in_channels * kh * kw * conv.out_channels // groups,
         )
         report.append(row)
         if name in skipped:
