@@ -1,0 +1,21 @@
+"""Shared conditioned building blocks: dual norm, FiLM, λ encodings, base classes."""
+
+from .base import ConditionedModule, ConditionedParametrization
+from .dual_norm import DualNorm, carries_activation, channel_dim, is_norm, norm_channels
+from .encoding import OrthogonalEncoding, ScalarEncoding, SinusoidalEncoding, build_encoding
+from .film import FiLM
+
+__all__ = [
+    "ConditionedModule",
+    "ConditionedParametrization",
+    "DualNorm",
+    "FiLM",
+    "OrthogonalEncoding",
+    "ScalarEncoding",
+    "SinusoidalEncoding",
+    "build_encoding",
+    "carries_activation",
+    "channel_dim",
+    "is_norm",
+    "norm_channels",
+]

@@ -1,0 +1,97 @@
+"""``film``: OAT's FiLM + dual norm (Wang et al., NeurIPS 2020, "Once-for-All Adversarial
+Training")."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..condition import Condition
+from ..layers import DualNorm, FiLM, build_encoding, channel_dim, is_norm, norm_channels
+from ..samplers import DiscreteLambdaSampler, LambdaSampler
+from ..surgery import NothingToConditionError, Replacement, replace_modules
+from .base import Method, register_method
+
+_DEFAULT_DIMS = {"orthogonal": 128, "sinusoidal": 16, "scalar": 1}
+
+
+@dataclass
+class FilmOptions:
+    """Options of the ``film`` method.
+
+    encoding: how λ is fed to the FiLM generators: ``'orthogonal'`` (OAT's random orthogonal
+        codes for the training λ set, interpolated in between), ``'sinusoidal'`` or ``'scalar'``.
+    encoding_dim: size of the encoding (default 128 orthogonal, 16 sinusoidal, 1 scalar).
+    lambdas: the training λ set (orthogonal codes and the default sampler); must hold 0 and 1.
+    identity_init: start FiLM at identity (γ = 1 + Δγ, β = 0), so a wrapped pretrained backbone
+        is unchanged; False gives the reference parametrisation (leaky_relu on γ and β).
+    film_skip: regex on qualified module names; matching norms (shortcut-path norms, as in OAT)
+        get the dual norm but no FiLM.
+    seed: seed of the orthogonal codes.
+    """
+
+    encoding: str = "orthogonal"
+    encoding_dim: int | None = None
+    lambdas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)
+    identity_init: bool = True
+    film_skip: str = r"(^|\.)(downsample|shortcut)(\.|$)"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.encoding not in _DEFAULT_DIMS:
+            raise ValueError(
+                f"unknown encoding {self.encoding!r}; choose one of {sorted(_DEFAULT_DIMS)}"
+            )
+        if self.encoding_dim is None:
+            self.encoding_dim = _DEFAULT_DIMS[self.encoding]
+        self.lambdas = tuple(float(v) for v in self.lambdas)
+        re.compile(self.film_skip)
+
+
+@register_method
+class Film(Method):
+    """Every norm becomes a :class:`~oat_plugins.layers.DualNorm`; main-path norms are
+    followed by a :class:`~oat_plugins.layers.FiLM` before their activation / residual add.
+    Parameters grow by the FiLM generators (about +50–70 % on ResNets, as in the paper)."""
+
+    name = "film"
+    Options = FilmOptions
+
+    def apply(
+        self, backbone: nn.Module, condition: Condition, extras: nn.ModuleDict
+    ) -> list[Replacement]:
+        opts = self.options
+        encoder = build_encoding(
+            opts.encoding, dim=opts.encoding_dim, lambdas=opts.lambdas, seed=opts.seed
+        )
+        extras["encoder"] = encoder
+        condition.set_encoder(encoder)
+        skip = re.compile(opts.film_skip)
+
+        def dual_norm(name: str, norm: nn.Module) -> nn.Module:
+            film = None
+            if skip.search(name) is None:
+                film = FiLM(
+                    norm_channels(norm), channel_dim(norm), encoder.dim, condition,
+                    opts.identity_init,
+                )
+            return DualNorm(norm, condition, post=film)
+
+        done = replace_modules(
+            backbone,
+            lambda _, m: is_norm(m),
+            dual_norm,
+            lambda new: "DualNorm" if new.post is None else "DualNorm + FiLM",
+        )
+        if not done:
+            raise NothingToConditionError(
+                f"method 'film' found no norm layer to condition in {type(backbone).__name__}: "
+                "it needs BatchNorm2d, LayerNorm or GroupNorm layers (or timm subclasses such "
+                "as BatchNormAct2d, LayerNorm2d, GroupNormAct)"
+            )
+        return done
+
+    def default_sampler(self) -> LambdaSampler:
+        return DiscreteLambdaSampler(self.options.lambdas)

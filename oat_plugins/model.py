@@ -1,0 +1,377 @@
+"""``ConditionalModel``, ``wrap``, ``save`` and ``load``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Sequence
+from typing import Any
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+from torchvision.transforms import Normalize
+
+from ._io import atomic_torch_save
+from ._version import __version__
+from .condition import Condition, Lambda
+from .layers.base import ConditionedModule, ConditionedParametrization
+from .methods import Method, get_method
+from .surgery import fold_conditioned, foreign_modules, summarize
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "oat-plugins/conditional-model"
+CHECKPOINT_VERSION = 1
+_RANGE_TOLERANCE = 1e-4
+
+
+class ConditionalModel(nn.Module):
+    """A backbone conditioned on λ ∈ [0, 1] (0: clean accuracy, 1: robustness).
+
+    ``forward(x)`` takes one batch of images in [0, 1] of shape (N, C, H, W) and normalises
+    internally, so attacks (torchattacks), RobustBench and timm code use it as an ordinary
+    classifier. λ is set with :meth:`set_lambda` or :func:`oat_plugins.condition`. Build one
+    with :func:`oat_plugins.wrap`.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        method: Method,
+        *,
+        normalize: tuple[Sequence[float], Sequence[float]] | None,
+        backbone_spec: dict[str, Any] | None = None,
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        if any(isinstance(m, (ConditionedModule, ConditionedParametrization))
+               for m in backbone.modules()):
+            raise ValueError("this backbone is already conditioned; wrap a plain model")
+        self.method = method
+        self.condition = Condition(per_sample=method.per_sample)
+        self.extras = nn.ModuleDict()
+        self.replacements = method.apply(backbone, self.condition, self.extras)
+        self.backbone = backbone
+        self.normalize_stats = (
+            None if normalize is None else (tuple(map(float, normalize[0])),
+                                            tuple(map(float, normalize[1])))
+        )
+        self.normalize = nn.Identity() if normalize is None else Normalize(*self.normalize_stats)
+        self.backbone_spec = backbone_spec
+        self.check_inputs = check_inputs
+        self.in_chans = _in_chans(backbone)
+        logger.info("wrapped %s with %r:\n%s", type(backbone).__name__, method.name,
+                    summarize(self.replacements))
+
+    # -- the condition -------------------------------------------------------------------
+    @property
+    def lam(self) -> Lambda:
+        """The current λ: a float, or a (N,) tensor for per-sample conditioning."""
+        return self.condition.lam
+
+    def set_lambda(self, lam: object) -> ConditionalModel:
+        """Set λ: a float in [0, 1] or (if the method allows) a tensor of shape (N,)."""
+        self.condition.lam = lam
+        return self
+
+    @property
+    def method_name(self) -> str:
+        return self.method.name
+
+    @property
+    def deterministic(self) -> bool:
+        """False when the forward draws fresh randomness (e.g. FLOAT with resampled noise)."""
+        return all(m.deterministic for m in self.modules()
+                   if isinstance(m, ConditionedParametrization))
+
+    @property
+    def backbone_name(self) -> str | None:
+        """timm architecture name of the backbone, when known."""
+        return (self.backbone_spec or {}).get("name")
+
+    # -- forward and timm passthrough ----------------------------------------------------
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self.check_inputs:
+            _check_images(x, self.in_chans)
+        self.condition.check_batch(x.shape[0])
+        return self.normalize(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self._prepare(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``forward_features`` on [0, 1] images, at the current λ."""
+        return self.backbone.forward_features(self._prepare(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's ``forward_head`` on features from :meth:`forward_features`."""
+        return self.backbone.forward_head(x, pre_logits=pre_logits)
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.num_classes
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        return getattr(self.backbone, "pretrained_cfg", {})
+
+    def get_classifier(self) -> nn.Module:
+        return self.backbone.get_classifier()
+
+    def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
+        """timm's ``reset_classifier``; the new head is plain (not conditioned)."""
+        self.backbone.reset_classifier(num_classes, *args, **kwargs)
+        if self.backbone_spec is not None:
+            self.backbone_spec["kwargs"]["num_classes"] = num_classes
+
+    # -- export and reporting --------------------------------------------------------------
+    def export(self, lam: float | None = None) -> nn.Module:
+        """A standalone plain model computing this model's function at a fixed scalar λ.
+
+        The backbone keeps its own class with every conditioned piece folded (dual norm → the
+        chosen norm with FiLM folded in, weight parametrizations → plain weights); when the
+        model normalises, the result is ``nn.Sequential(normalize, backbone)``. No
+        oat_plugins module remains, and the parameter count is the backbone's.
+        """
+        lam = self.condition.lam if lam is None else lam
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool):
+            raise ValueError(f"export needs one scalar λ in [0, 1], got {lam!r}")
+        if not self.deterministic:
+            raise ValueError(
+                f"method {self.method_name!r} is configured to draw fresh noise every forward "
+                "(resample); its function at a fixed λ is random and cannot be exported"
+            )
+        with torch.no_grad():
+            copied = copy.deepcopy(self)
+            copied.set_lambda(lam)
+            backbone = fold_conditioned(copied.backbone)
+        left = foreign_modules(backbone)
+        if left:
+            raise RuntimeError(f"export left conditioned modules behind: {left[:5]}")
+        if self.normalize_stats is None:
+            return backbone
+        return nn.Sequential(Normalize(*self.normalize_stats), backbone)
+
+    def summary(self) -> str:
+        """What the method conditioned, and the parameter overhead over the backbone."""
+        plain = self.export(0.0)
+        n_plain = sum(p.numel() for p in plain.parameters())
+        n_total = sum(p.numel() for p in self.parameters())
+        lines = [
+            f"{type(self.backbone).__name__} ({self.backbone_name or 'custom'}) "
+            f"conditioned with {self.method_name!r}: {len(self.replacements)} sites",
+            summarize(self.replacements),
+            f"  parameters: {n_total:,} vs {n_plain:,} plain "
+            f"(+{n_total - n_plain:,}, {100.0 * (n_total - n_plain) / max(n_plain, 1):+.1f} %)",
+        ]
+        return "\n".join(lines)
+
+    def extra_repr(self) -> str:
+        lam = self.lam if self.condition.is_scalar else "per-sample"
+        return f"method={self.method_name!r}, lam={lam}"
+
+
+def _in_chans(backbone: nn.Module) -> int | None:
+    first = getattr(backbone, "pretrained_cfg", {}).get("first_conv")
+    try:
+        conv = backbone.get_submodule(first) if isinstance(first, str) else None
+    except AttributeError:
+        conv = None
+    if conv is None:
+        conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    return getattr(conv, "in_channels", None)
+
+
+def _check_images(x: object, in_chans: int | None) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(
+            "input must be a float tensor of images in [0, 1] with shape (N, C, H, W), got "
+            + (f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__)
+        )
+    if x.dim() != 4 or (in_chans is not None and x.shape[1] != in_chans):
+        raise ValueError(
+            f"input must have shape (N, {in_chans or 'C'}, H, W), got {tuple(x.shape)}"
+        )
+    lo, hi = torch.aminmax(x.detach())
+    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+        raise ValueError(
+            f"input values must be images in [0, 1] (got min {float(lo):.3g}, max "
+            f"{float(hi):.3g}); the model normalises internally, so pass unnormalised images "
+            "(or wrap with check_inputs=False)"
+        )
+
+
+def _resolve_normalize(
+    backbone: nn.Module, normalize: str | tuple | None
+) -> tuple[Sequence[float], Sequence[float]] | None:
+    if normalize is None:
+        return None
+    if normalize == "auto":
+        cfg = getattr(backbone, "pretrained_cfg", None) or {}
+        return (cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
+    if isinstance(normalize, (tuple, list)) and len(normalize) == 2:
+        mean, std = normalize
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError("normalize=(mean, std) needs equal lengths and positive std")
+        return tuple(mean), tuple(std)
+    raise ValueError(f"normalize must be 'auto', (mean, std) or None, got {normalize!r}")
+
+
+def _backbone_spec(backbone: nn.Module, model_kwargs: dict[str, Any] | None) -> dict | None:
+    """What :func:`load` needs to rebuild the backbone with ``timm.create_model``."""
+    name = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture")
+    if name is None:
+        return None
+    kwargs: dict[str, Any] = {}
+    if hasattr(backbone, "num_classes"):
+        kwargs["num_classes"] = int(backbone.num_classes)
+    in_chans = _in_chans(backbone)
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    img_size = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        kwargs["img_size"] = tuple(int(s) for s in img_size)
+    kwargs.update(model_kwargs or {})
+    return {"name": name, "kwargs": kwargs}
+
+
+def wrap(
+    backbone: nn.Module | str,
+    method: str,
+    *,
+    normalize: str | tuple[Sequence[float], Sequence[float]] | None = "auto",
+    model_kwargs: dict[str, Any] | None = None,
+    check_inputs: bool = True,
+    **options: Any,
+) -> ConditionalModel:
+    """Turn a backbone into a :class:`ConditionalModel` by module surgery (in place).
+
+    Args:
+        backbone: a timm model (or any ``nn.Module``), or a timm model name, created with
+            ``model_kwargs``. The module is modified in place, like PEFT's injection.
+        method: a registered method name (see :func:`available_methods`).
+        normalize: ``'auto'`` (mean/std of the backbone's ``pretrained_cfg``), a
+            ``(mean, std)`` pair, or None when the backbone expects [0, 1] inputs.
+        model_kwargs: keyword arguments of ``timm.create_model`` needed to rebuild the
+            backbone on :func:`load` (num_classes, in_chans and a ViT's img_size are inferred).
+        check_inputs: validate that inputs are (N, C, H, W) float images in [0, 1].
+        **options: the method's options; unknown ones raise a ``ValueError`` listing them.
+    """
+    if isinstance(backbone, str):
+        backbone = timm.create_model(backbone, **(model_kwargs or {}))
+    if not isinstance(backbone, nn.Module):
+        raise ValueError(f"backbone must be an nn.Module or a timm model name, got {backbone!r}")
+    method_obj = get_method(method)(**options)
+    return ConditionalModel(
+        backbone,
+        method_obj,
+        normalize=_resolve_normalize(backbone, normalize),
+        backbone_spec=_backbone_spec(backbone, model_kwargs),
+        check_inputs=check_inputs,
+    )
+
+
+def to_checkpoint(model: ConditionalModel) -> dict[str, Any]:
+    """Everything needed to rebuild ``model``, as plain tensors and JSON-like values."""
+    if not isinstance(model, ConditionalModel):
+        raise ValueError(f"expected a ConditionalModel, got {type(model).__name__}")
+    lam = model.lam
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "oat_plugins_version": __version__,
+        "backbone": model.backbone_spec,
+        "method": model.method_name,
+        "options": model.method.options_dict(),
+        "normalize": None if model.normalize_stats is None else {
+            "mean": list(model.normalize_stats[0]), "std": list(model.normalize_stats[1])},
+        "check_inputs": model.check_inputs,
+        "lam": lam if isinstance(lam, float) else lam.cpu(),
+        "state_dict": model.state_dict(),
+    }
+
+
+def from_checkpoint(
+    payload: dict[str, Any],
+    *,
+    method: str | None = None,
+    backbone: nn.Module | None = None,
+    source: str = "checkpoint",
+) -> ConditionalModel:
+    """Rebuild a model from :func:`to_checkpoint`'s dictionary."""
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{source} is not an oat-plugins conditional-model checkpoint")
+    if payload.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{source} has checkpoint format {payload['format_version']}, newer than this "
+            f"oat-plugins ({__version__}) reads ({CHECKPOINT_VERSION}); upgrade oat-plugins"
+        )
+    if method is not None and payload["method"] != method:
+        raise ValueError(
+            f"{source} holds a {payload['method']!r} model, not a {method!r} one"
+        )
+    if backbone is None:
+        spec = payload["backbone"]
+        if spec is None:
+            raise ValueError(
+                f"{source} was saved from a backbone that is not a named timm model; pass "
+                "load(..., backbone=<an identical freshly built nn.Module>)"
+            )
+        backbone = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
+    norm = payload["normalize"]
+    model = ConditionalModel(
+        backbone,
+        get_method(payload["method"])(**payload["options"]),
+        normalize=None if norm is None else (norm["mean"], norm["std"]),
+        backbone_spec=payload["backbone"],
+        check_inputs=payload.get("check_inputs", True),
+    )
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(
+            f"{source} does not match the rebuilt {payload['method']!r} model (was it saved "
+            "with other timm model kwargs? pass them as wrap(..., model_kwargs=...)): "
+            f"{str(err)[:500]}"
+        ) from None
+    model.set_lambda(payload["lam"])
+    return model
+
+
+def save(model: ConditionalModel, path: str | os.PathLike) -> None:
+    """Write ``model`` to one file (atomically) that :func:`load` rebuilds it from."""
+    atomic_torch_save(to_checkpoint(model), path)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with a clear error for a bad file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {os.fspath(path)!r}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as err:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a readable checkpoint (corrupt, truncated, or not "
+            f"written by torch.save): {err}"
+        ) from None
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    map_location: Any = "cpu",
+    method: str | None = None,
+    backbone: nn.Module | None = None,
+) -> ConditionalModel:
+    """Rebuild a model written by :func:`save` (or a training checkpoint holding one under
+    ``'model'``). ``method`` makes a checkpoint of another method an error; ``backbone``
+    supplies the architecture when it is not a named timm model."""
+    payload = read_checkpoint(path, map_location)
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        payload = payload["model"]
+    return from_checkpoint(payload, method=method, backbone=backbone, source=repr(os.fspath(path)))

@@ -1,0 +1,110 @@
+"""Module surgery in one place: find submodules by predicate, replace them, fold them back."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .layers.base import ConditionedModule, ConditionedParametrization
+
+Predicate = Callable[[str, nn.Module], bool]
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One conditioned site: the qualified name, what was there and what the method did."""
+
+    name: str
+    original: str
+    change: str
+
+
+class NothingToConditionError(ValueError):
+    """The backbone has no submodule the chosen method can condition."""
+
+
+def find_modules(root: nn.Module, predicate: Predicate) -> list[tuple[str, nn.Module]]:
+    """Named submodules matching ``predicate``, outermost first; descendants of a match are
+    not visited (a match is treated as one unit)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in root.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix, _ in found):
+            continue
+        if predicate(name, module):
+            found.append((name, module))
+    return found
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (works for Sequential/ModuleList indices)."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, module)
+
+
+def replace_modules(
+    root: nn.Module,
+    predicate: Predicate,
+    factory: Callable[[str, nn.Module], nn.Module],
+    change: str | Callable[[nn.Module], str],
+) -> list[Replacement]:
+    """Replace every submodule matching ``predicate`` by ``factory(name, module)``;
+    ``change`` labels the replacement in the report (a string, or a function of the new
+    module)."""
+    done = []
+    for name, module in find_modules(root, predicate):
+        new = factory(name, module)
+        set_submodule(root, name, new)
+        label = change if isinstance(change, str) else change(new)
+        done.append(Replacement(name, type(module).__name__, label))
+    return done
+
+
+def parametrize_weights(
+    root: nn.Module,
+    predicate: Predicate,
+    factory: Callable[[str, nn.Module], nn.Module],
+    change: str,
+    tensor_name: str = "weight",
+) -> list[Replacement]:
+    """Register ``factory(name, module)`` as a parametrization of ``tensor_name`` on every
+    matching submodule. The module keeps its class and forward (e.g. timm's Conv2dSame)."""
+    done = []
+    for name, module in find_modules(root, predicate):
+        parametrize.register_parametrization(module, tensor_name, factory(name, module))
+        done.append(Replacement(f"{name}.{tensor_name}", type(module).__name__, change))
+    return done
+
+
+def fold_conditioned(root: nn.Module) -> nn.Module:
+    """Fold every conditioned piece of ``root`` in place at the condition's current scalar λ:
+    conditioned modules are replaced by their ``fold()`` and our parametrizations are baked
+    into plain parameters. Returns ``root``."""
+    for name, module in find_modules(root, lambda _, m: isinstance(m, ConditionedModule)):
+        set_submodule(root, name, module.fold())
+    for module in list(root.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, plist in list(module.parametrizations.items()):
+            if any(isinstance(p, ConditionedParametrization) for p in plist):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    return root
+
+
+def foreign_modules(root: nn.Module, package: str = "oat_plugins") -> list[str]:
+    """Names of submodules whose class is defined in ``package`` (empty after a clean export)."""
+    return [
+        name or "<root>"
+        for name, module in root.named_modules()
+        if type(module).__module__.split(".")[0] == package
+    ]
+
+
+def summarize(replacements: list[Replacement]) -> str:
+    """One line per (original type → change) with its count."""
+    counts = Counter((r.original, r.change) for r in replacements)
+    return "\n".join(f"  {n:4d} × {orig} → {change}" for (orig, change), n in counts.items())
