@@ -504,7 +504,7 @@ def test_save_load_converted_weights_only(tmp_path, resnet18: nn.Module) -> None
     with torch.no_grad():
         assert torch.equal(back(x), new.eval()(x))
     payload = torch.load(path, weights_only=True)
-    assert payload["arch"] == "resnet18" and payload["extra"] == {"budget": 0.3}
+    assert payload["source"]["arch"] == "resnet18" and payload["extra"] == {"budget": 0.3}
 
 
 def test_cli_gdws_timm_model(tmp_path, resnet18: nn.Module, capsys) -> None:
@@ -533,3 +533,27 @@ def test_cli_gdws_timm_model(tmp_path, resnet18: nn.Module, capsys) -> None:
         "--beta", "-1", "--out", str(out),
     ])
     assert bad.func(bad) == 2
+
+
+def test_cli_gdws_conditional_checkpoint(tmp_path) -> None:
+    """The real path: oat_plugins.save -> `oat-plugins gdws` -> load_converted (weights_only)."""
+    import oat_plugins
+    from oat_plugins.cli import gdws as cli_gdws
+
+    backbone = timm.create_model("resnet10t", num_classes=10)
+    _perturb_bn(backbone)
+    cond = oat_plugins.wrap(backbone, method="film")
+    ckpt = tmp_path / "cond.pt"
+    oat_plugins.save(cond, ckpt)
+    parser = argparse.ArgumentParser(prog="oat-plugins")
+    cli_gdws.register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "gdws.pt"
+    args = parser.parse_args(["gdws", "--checkpoint", str(ckpt), "--lambda", "0.5",
+                              "--budget", "0.25", "--out", str(out)])
+    assert args.func(args) == 0
+    model = load_converted(out)
+    ref, _ = convert(oat_plugins.load(ckpt).export(0.5), budget=0.25)
+    assert any(isinstance(m, GDWSConv2d) for m in model.modules())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref.eval()(x), atol=1e-5)

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import atomic_torch_save
 from .layer import GDWSConv2d
 
-__all__ = ["FORMAT", "count_macs", "load_converted", "save_converted"]
+__all__ = ["FORMAT", "count_macs", "load_converted", "save_converted", "source_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +59,34 @@ def count_macs(model: nn.Module, example: torch.Tensor | Sequence[int]) -> int:
     return int(total[0])
 
 
-def _default_arch(model: nn.Module) -> tuple[str | None, dict[str, Any]]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+def source_spec(model: nn.Module) -> dict[str, Any] | None:
+    """How to rebuild the (unconverted) architecture of ``model`` with timm, or None.
+
+    Understands a timm model and ``nn.Sequential(torchvision Normalize, timm model)`` (what
+    ``ConditionalModel.export`` returns for a normalising model).
+    """
+    from torchvision.transforms import Normalize
+
+    norm = None
+    core = model
+    if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], Normalize):
+        norm = {
+            "mean": [float(v) for v in torch.as_tensor(model[0].mean).flatten()],
+            "std": [float(v) for v in torch.as_tensor(model[0].std).flatten()],
+        }
+        core = model[1]
+    cfg = getattr(core, "pretrained_cfg", None)
     arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if not arch:
+        return None
     kwargs: dict[str, Any] = {}
-    nc = getattr(model, "num_classes", None)
+    nc = getattr(core, "num_classes", None)
     if isinstance(nc, int):
         kwargs["num_classes"] = nc
-    return arch, kwargs
+    first = next((m for m in core.modules() if isinstance(m, (nn.Conv2d, GDWSConv2d))), None)
+    if first is not None and first.in_channels != 3:
+        kwargs["in_chans"] = int(first.in_channels)
+    return {"arch": arch, "kwargs": kwargs, "normalize": norm}
 
 
 def save_converted(
@@ -77,24 +98,29 @@ def save_converted(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Save a converted model so that :func:`load_converted` rebuilds it with
-    ``torch.load(weights_only=True)`` (no pickled classes).
+    ``torch.load(weights_only=True)`` (no pickled classes). Written atomically.
 
-    Stored: ``format``, the timm ``arch`` name and ``model_kwargs`` to rebuild the source model
-    (defaults: ``model.pretrained_cfg['architecture']`` and ``num_classes``), the constructor
-    config of every :class:`GDWSConv2d` by module name, the ``state_dict``, and ``extra``
+    Stored: ``format``; ``source`` = how to rebuild the unconverted architecture (timm ``arch``,
+    its ``kwargs``, and the ``normalize`` mean/std when the model is
+    ``nn.Sequential(Normalize, timm model)``, as exported by ``ConditionalModel.export``),
+    inferred by :func:`source_spec` unless ``arch``/``model_kwargs`` are given; the constructor
+    config of every :class:`GDWSConv2d` by module name; the ``state_dict``; and ``extra``
     (plain data only, e.g. the report or beta).
     """
-    d_arch, d_kwargs = _default_arch(model)
+    spec = source_spec(model) or {"arch": None, "kwargs": {}, "normalize": None}
+    if arch is not None:
+        spec["arch"] = arch
+    if model_kwargs is not None:
+        spec["kwargs"] = dict(model_kwargs)
     layers = {n: m.config() for n, m in model.named_modules() if isinstance(m, GDWSConv2d)}
     payload = {
         "format": FORMAT,
-        "arch": arch if arch is not None else d_arch,
-        "model_kwargs": dict(model_kwargs) if model_kwargs is not None else d_kwargs,
+        "source": spec,
         "gdws_layers": layers,
         "state_dict": model.state_dict(),
         "extra": extra or {},
     }
-    torch.save(payload, path)
+    atomic_torch_save(payload, path)
     logger.info("saved GDWS model (%d GDWS layers) to %s", len(layers), path)
 
 
@@ -108,22 +134,29 @@ def load_converted(
     Args:
         path: the file.
         build: zero-argument factory for the source (unconverted) architecture. Default:
-            ``timm.create_model(arch, pretrained=False, **model_kwargs)`` from the file; pass
-            ``build`` when the model is not a bare timm model (e.g. it has a wrapper).
+            ``timm.create_model(arch, pretrained=False, **kwargs)`` from the file's ``source``,
+            behind a torchvision ``Normalize`` if one was saved; pass ``build`` for anything
+            else.
         map_location: as in :func:`torch.load`.
     """
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a file written by save_converted ({FORMAT})")
+    src = payload["source"]
     if build is None:
-        if not payload["arch"]:
+        if not src["arch"]:
             raise ValueError(
                 f"{path} stores no timm architecture name; pass build=<factory of the source "
                 "model>"
             )
         import timm
 
-        model = timm.create_model(payload["arch"], pretrained=False, **payload["model_kwargs"])
+        model = timm.create_model(src["arch"], pretrained=False, **src["kwargs"])
+        if src.get("normalize"):
+            from torchvision.transforms import Normalize
+
+            norm = src["normalize"]
+            model = nn.Sequential(Normalize(norm["mean"], norm["std"]), model)
     else:
         model = build()
     for name, cfg in payload["gdws_layers"].items():
