@@ -420,15 +420,20 @@ class _Tiny(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _naive_alphas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def _naive_alphas(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: str, top: int | None = None
+) -> dict[str, torch.Tensor]:
+    """One sample and one competitor at a time, gradients from autograd on the weights."""
     names = ["c1", "c2", "c3"]
     acc = {n: torch.zeros(getattr(model, n).in_channels, dtype=torch.float64) for n in names}
     for i in range(x.shape[0]):
-        for j in range(5):
-            if j == int(y[i]):
-                continue
+        with torch.no_grad():
+            z0 = model(x[i:i + 1])[0]
+        t = int(z0.argmax()) if target == "predicted" else int(y[i])
+        others = sorted((j for j in range(5) if j != t), key=lambda j: -float(z0[j]))
+        for j in others[:top]:
             z = model(x[i:i + 1])[0]
-            margin = z[y[i]] - z[j]
+            margin = z[t] - z[j]
             grads = torch.autograd.grad(margin, [getattr(model, n).weight for n in names])
             for n, gw in zip(names, grads, strict=True):
                 conv = getattr(model, n)
@@ -442,7 +447,9 @@ def _naive_alphas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[st
     return {n: (v / x.shape[0]).float() for n, v in acc.items()}
 
 
-def test_compute_alphas_matches_per_sample_loop() -> None:
+@pytest.mark.parametrize("target, max_classes", [("predicted", None), ("label", None),
+                                                 ("label", 3)])
+def test_compute_alphas_matches_per_sample_loop(target: str, max_classes: int | None) -> None:
     torch.manual_seed(0)
     model = _Tiny()
     with torch.no_grad():  # non-trivial BN statistics, then eval
@@ -450,11 +457,12 @@ def test_compute_alphas_matches_per_sample_loop() -> None:
     model.train()
     x, y = torch.rand(6, 3, 9, 11), torch.randint(0, 5, (6,))
     alphas = compute_alphas(model, (x, y), attack=None, n_samples=6, batch_size=4,
-                            pair_chunk=7, max_classes=None, progress=False)
+                            pair_chunk=7, max_classes=max_classes, target=target,
+                            progress=False)
     assert model.training  # mode restored
     assert set(alphas) == {"c1", "c2", "c3"}
     model.eval()
-    ref = _naive_alphas(model, x, y)
+    ref = _naive_alphas(model, x, y, target, None if max_classes is None else max_classes - 1)
     for n in ref:
         assert torch.allclose(alphas[n], ref[n], rtol=1e-3, atol=1e-8), n
 

@@ -6,6 +6,8 @@ For sample n with label t, competitor class j and a conv's per-input-channel wei
     alpha_c = mean_n  sum_j ||d(z_t - z_j)/dW_c||_F^2 / (2 (z_t - z_j)^2 (M/groups) Kh Kw)
 
 computed on adversarial samples (torchattacks PGD by default) with the model in eval mode.
+``t`` is the class the model predicts on the (adversarial) sample by default, as in the
+authors' code (so every margin is >= 0); ``target="label"`` uses the true label instead.
 
 Vectorised: every (sample, competitor) pair is one row of a replicated batch, so one forward and
 one backward give all per-pair output gradients of every conv at once; the per-pair weight
@@ -114,6 +116,7 @@ def compute_alphas(
     max_classes: int | None = 10,
     skip_first: bool = True,
     min_kernel: int = 2,
+    target: str = "predicted",
     margin_eps: float = 1e-12,
     max_elems: int = 1 << 24,
     progress: bool = True,
@@ -135,6 +138,8 @@ def compute_alphas(
             the highest logits are used per sample (the terms with the smallest margins, which
             dominate the sum); ``None`` uses all classes.
         skip_first, min_kernel: which convs get alphas (same rule as :func:`convert`).
+        target: ``"predicted"`` (t = the model's top class on the sample, as in the authors'
+            code; margins are >= 0) or ``"label"`` (t = the true label).
         margin_eps: floor on ``(z_t - z_j)^2`` against division by zero.
         max_elems: memory cap (elements) for the per-pair weight-gradient einsum.
         progress: show a tqdm progress bar.
@@ -146,6 +151,8 @@ def compute_alphas(
         raise ValueError(f"n_samples must be an int >= 1; got {n_samples!r}")
     if max_classes is not None and max_classes < 2:
         raise ValueError("max_classes must be >= 2 or None")
+    if target not in ("predicted", "label"):
+        raise ValueError(f"target must be 'predicted' or 'label'; got {target!r}")
     eligible, _ = eligible_convs(model, skip_first=skip_first, min_kernel=min_kernel)
     if not eligible:
         raise ValueError("model has no conv eligible for GDWS")
@@ -195,13 +202,12 @@ def compute_alphas(
             with torch.no_grad():
                 logits = model(x)
             n, k = logits.shape
+            t = logits.argmax(1) if target == "predicted" else y
             if max_classes is None or k <= max_classes:
                 comp = torch.arange(k, device=device).expand(n, k)
-                comp = comp[comp != y.unsqueeze(1)].reshape(n, k - 1)
+                comp = comp[comp != t.unsqueeze(1)].reshape(n, k - 1)
             else:
-                masked = logits.masked_fill(
-                    F.one_hot(y, k).bool(), float("-inf")
-                )
+                masked = logits.masked_fill(F.one_hot(t, k).bool(), float("-inf"))
                 comp = masked.topk(max_classes - 1, dim=1).indices
             j_per = comp.shape[1]
             rows_n = torch.arange(n, device=device).repeat_interleave(j_per)
@@ -217,7 +223,7 @@ def compute_alphas(
                         z = model(xr)
                     finally:
                         capturing[0] = False
-                    margin = z.gather(1, y[rn].unsqueeze(1)).squeeze(1) - z.gather(
+                    margin = z.gather(1, t[rn].unsqueeze(1)).squeeze(1) - z.gather(
                         1, rj.unsqueeze(1)
                     ).squeeze(1)
                     outs = []
