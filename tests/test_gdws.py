@@ -565,3 +565,21 @@ def test_cli_gdws_conditional_checkpoint(tmp_path) -> None:
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model(x), ref.eval()(x), atol=1e-5)
+
+
+def test_cli_main_dispatches_gdws(tmp_path, monkeypatch, capsys) -> None:
+    """Through the package's `oat-plugins` entry point (gdws listed among its commands)."""
+    import oat_plugins.cli as cli
+
+    if "gdws" not in cli.COMMANDS:
+        monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "gdws"))
+    ckpt = tmp_path / "sd.pt"
+    torch.save(timm.create_model("resnet10t", num_classes=4).state_dict(), ckpt)
+    out = tmp_path / "o.pt"
+    assert cli.main(["gdws", "--checkpoint", str(ckpt), "--timm-model", "resnet10t",
+                     "--num-classes", "4", "--budget", "0.1", "--out", str(out)]) == 0
+    assert "replaced" in capsys.readouterr().out
+    assert any(isinstance(m, GDWSConv2d) for m in load_converted(out).modules())
+    assert cli.main(["gdws", "--checkpoint", str(ckpt), "--timm-model", "resnet10t",
+                     "--num-classes", "4", "--budget", "0", "--out", str(out)]) == 2
+    assert "budget" in capsys.readouterr().err
