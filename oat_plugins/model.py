@@ -11,14 +11,15 @@ import zipfile
 from collections.abc import Sequence
 from typing import Any
 
-import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 with warnings.catch_warnings():
-    # torchvision 0.29 uses torch.jit.interface, deprecated in torch 2.14: noise for our users.
+    # torchvision 0.29 (also imported by timm) uses torch.jit.interface, deprecated in
+    # torch 2.14: noise for our users.
     warnings.filterwarnings("ignore", message=".*torch.jit.interface", category=FutureWarning)
+    import timm
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from torchvision.transforms import Normalize
 
 from ._io import atomic_torch_save
