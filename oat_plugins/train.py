@@ -48,7 +48,7 @@ from .samplers import DiscreteLambdaSampler, LambdaSampler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "fit", "make_attack", "default_alpha"]
+__all__ = ["TrainConfig", "config_from_dict", "default_alpha", "fit", "make_attack", "oat_loss"]
 
 CHECKPOINT_NAME = "last.pt"
 METRICS_JSONL = "metrics.jsonl"
@@ -146,8 +146,11 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
         if self.lambdas is not None:
-            # Validates the set (range, λ > 0 present) with the sampler's own checks.
+            # Validates the set (range, share) with the sampler's own checks.
             DiscreteLambdaSampler(self.lambdas, self.clean_fraction)
+            if not any(v > 0 for v in self.lambdas):
+                raise ValueError(f"lambdas needs at least one λ > 0 (λ = 0 alone is plain "
+                                 f"training), got {self.lambdas}")
         for lam in self.eval_lambdas:
             if not 0.0 <= lam <= 1.0:
                 raise ValueError(f"eval_lambdas must be in [0, 1], got {self.eval_lambdas}")
@@ -284,17 +287,28 @@ def _default_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
 
 
 # -- the loss --------------------------------------------------------------------------------
-def _oat_step(
+def oat_loss(
     model: ConditionalModel,
-    forward: nn.Module,
-    attack: torchattacks.attack.Attack,
     x: torch.Tensor,
     y: torch.Tensor,
     lam: torch.Tensor,
-    autocast: Callable[[], contextlib.AbstractContextManager],
+    attack: torchattacks.attack.Attack,
+    *,
+    forward: nn.Module | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one batch: per sample (1 − λ)·CE(x) + λ·CE(x_adv) at that sample's λ, summed
-    and divided by the batch size. One forward on [x ; x_adv of the λ > 0 samples]."""
+    """OAT's loss of one batch: ``Σ_i [(1 − λ_i)·CE(f_λi(x_i)) + λ_i·CE(f_λi(x_adv_i))] / N``.
+
+    ``x_adv`` is ``attack`` run on the λ > 0 samples only, at their λ (torchattacks puts the
+    model in eval mode for it); then one forward in the model's current mode on
+    ``[x ; x_adv]`` with matching per-sample λ. A method's optional ``loss_terms(model)``
+    hook (a tensor or a dict of tensors) is added. ``forward`` is the module the loss forward
+    goes through (e.g. the DistributedDataParallel wrapper; default ``model``). Leaves λ set to
+    the per-sample λ of the concatenated batch. Returns the loss and batch statistics.
+    """
+    forward = model if forward is None else forward
+    autocast = contextlib.nullcontext if autocast is None else autocast
+    was_training = model.training
     n = x.shape[0]
     adv = lam > 0
     n_adv = int(adv.sum())
@@ -304,8 +318,8 @@ def _oat_step(
         with autocast():
             # torchattacks puts the model in eval mode for the attack and restores train mode.
             x_adv = attack(x[adv], y[adv]).detach()
-        if not model.training:
-            raise RuntimeError("the attack left the model in eval mode")
+        if model.training != was_training:
+            raise RuntimeError("the attack changed the model's train/eval mode")
     inputs = torch.cat([x, x_adv])
     targets = torch.cat([y, y[adv]])
     lam_all = torch.cat([lam, lam[adv]])
@@ -510,6 +524,10 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
     if lam_sampler is None:
         lam_sampler = (DiscreteLambdaSampler(config.lambdas, config.clean_fraction)
                        if config.lambdas is not None else model.method.default_sampler())
+    n_clean = round(getattr(lam_sampler, "clean_fraction", 0.5) * local_batch)
+    if 0 < n_clean < 2 or local_batch - n_clean < 2:
+        logger.warning("only %d of the %d samples per process are at λ = 0: batch norms see "
+                       "tiny routed sub-batches; use a larger batch", n_clean, local_batch)
     device = _device(d)
     model.to(device)
     final_lam = model.lam if isinstance(model.lam, float) else 0.0
@@ -527,6 +545,7 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
     lam_generator = torch.Generator()
 
     start_epoch, start_step, global_step, history = 0, 0, 0, []
+    resumed_partial: dict[str, Any] = {}
     ckpt_path = out / CHECKPOINT_NAME
     d.barrier()  # rank 0 may have just created out/
     if resume and ckpt_path.is_file():
@@ -542,6 +561,7 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_step = state["epoch"], state["step_in_epoch"]
+        resumed_partial = state.get("epoch_partial") or {}
         global_step = state["global_step"]
         _set_rng_state(state["rng"], lam_generator)
         old = state.get("config", {})
@@ -566,6 +586,8 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp)
 
+    partial: dict[str, Any] = {}  # sums and seconds of an epoch interrupted by max_steps
+
     def save_checkpoint(epoch: int, step_in_epoch: int) -> None:
         if not d.is_main:
             return
@@ -577,6 +599,7 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
             "scaler": scaler.state_dict() if use_scaler else None,
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
+            "epoch_partial": partial if step_in_epoch else {},
             "global_step": global_step,
             "steps_per_epoch": steps_per_epoch,
             "rng": _rng_state(lam_generator),
@@ -602,6 +625,9 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
         model.train()
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
+        if skip and resumed_partial:
+            sums = dict(resumed_partial["sums"])
+            t0 -= resumed_partial["seconds"]
         bar = _progress(steps_per_epoch, skip, config.progress and d.is_main,
                         f"epoch {epoch + 1}/{config.epochs}")
         batches = iter(loader)
@@ -616,7 +642,7 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             lam = lam_sampler(x.shape[0], lam_generator).to(device)
-            loss, stats = _oat_step(model, net, atk, x, y, lam, autocast)
+            loss, stats = oat_loss(model, x, y, lam, atk, forward=net, autocast=autocast)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip is not None:
@@ -643,7 +669,14 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
             step_in_epoch = steps_per_epoch
         bar.close()
         model.set_lambda(final_lam)
+        if d.enabled:
+            # DDP keeps parameters in sync; buffers (BN running statistics) are broadcast from
+            # rank 0 only at the next forward. Sync them now, so every rank holds the model
+            # that rank 0 checkpoints and evaluates.
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
         if stopped and step_in_epoch < steps_per_epoch:
+            partial.update(sums=sums, seconds=time.perf_counter() - t0)
             save_checkpoint(epoch, step_in_epoch)
             d.barrier()
             logger.info("stopped at max_steps=%s (epoch %d, step %d of %d)", config.max_steps,
@@ -653,8 +686,8 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
         if eval_data is not None and d.is_main:
             record.update(_evaluate(model, eval_data, config, local_batch, device, atk))
         save_checkpoint(epoch + 1, 0)
+        history.append(record)  # the same training metrics on every rank (all-reduced)
         if d.is_main:
-            history.append(record)
             _write_metrics(out, history)
             logger.info("epoch %d: %s", epoch + 1, ", ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

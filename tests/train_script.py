@@ -1,0 +1,66 @@
+"""Helper run as a subprocess by tests/test_train.py (not a test module).
+
+    python tests/train_script.py OUT [--kill-at-step K] [--resume] [--threads T]
+    torchrun --nproc_per_node 2 tests/train_script.py OUT --ddp
+
+Trains a tiny film model on the first 48 bundled images. With --kill-at-step the process
+SIGKILLs itself when the λ sampler is asked for step K (a real mid-epoch interruption). With
+--ddp every rank writes OUT/rank<r>.pt holding its final state_dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
+from train_helpers import tiny_config, tiny_data, tiny_model  # noqa: E402
+
+from oat_plugins.samplers import DiscreteLambdaSampler  # noqa: E402
+from oat_plugins.train import fit  # noqa: E402
+
+
+class KillingSampler(DiscreteLambdaSampler):
+    """OAT's sampler that SIGKILLs the process at its ``kill_at``-th call (1-based)."""
+
+    def __init__(self, kill_at: int) -> None:
+        super().__init__()
+        self.kill_at, self.calls = kill_at, 0
+
+    def __call__(self, batch_size, generator=None):
+        self.calls += 1
+        if self.calls == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__call__(batch_size, generator)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--kill-at-step", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ddp", action="store_true")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--n-train", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = tiny_model()
+    sampler = KillingSampler(args.kill_at_step) if args.kill_at_step else None
+    config = tiny_config(epochs=args.epochs, batch_size=args.batch_size)
+    result = fit(model, tiny_data(args.n_train), config, args.out,
+                 resume=args.resume, sampler=sampler)
+    if args.ddp:
+        rank = int(os.environ["RANK"])
+        torch.save({"state_dict": model.state_dict(), "history": result["history"]},
+                   Path(args.out) / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
