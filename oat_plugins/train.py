@@ -301,7 +301,8 @@ def oat_loss(
 
     ``x_adv`` is ``attack`` run on the λ > 0 samples only, at their λ (torchattacks puts the
     model in eval mode for it); then one forward in the model's current mode on
-    ``[x ; x_adv]`` with matching per-sample λ. A method's optional ``loss_terms(model)``
+    ``[x of the λ < 1 samples ; x_adv]`` with matching per-sample λ (a clean term with weight
+    0 is not computed). A method's optional ``loss_terms(model)``
     hook (a tensor or a dict of tensors) is added. ``forward`` is the module the loss forward
     goes through (e.g. the DistributedDataParallel wrapper; default ``model``). Leaves λ set to
     the per-sample λ of the concatenated batch. Returns the loss and batch statistics.
@@ -320,10 +321,14 @@ def oat_loss(
             x_adv = attack(x[adv], y[adv]).detach()
         if model.training != was_training:
             raise RuntimeError("the attack changed the model's train/eval mode")
-    inputs = torch.cat([x, x_adv])
-    targets = torch.cat([y, y[adv]])
-    lam_all = torch.cat([lam, lam[adv]])
-    weights = torch.cat([1.0 - lam, lam[adv]])
+    # Clean terms of λ = 1 samples have weight 0: left out, so that (e.g. with FLOAT's
+    # sampler) the robust branch's batch statistics see only what the loss uses.
+    clean = lam < 1
+    n_clean = int(clean.sum())
+    inputs = torch.cat([x[clean], x_adv])
+    targets = torch.cat([y[clean], y[adv]])
+    lam_all = torch.cat([lam[clean], lam[adv]])
+    weights = torch.cat([1.0 - lam[clean], lam[adv]])
     model.set_lambda(lam_all)
     with autocast():
         logits = forward(inputs)
@@ -343,9 +348,9 @@ def oat_loss(
     with torch.no_grad():
         correct = logits.argmax(1) == targets
         stats = {
-            "steps": 1.0, "n": float(n), "n_adv": float(n_adv),
-            "clean_correct": float(correct[:n].sum()),
-            "adv_correct": float(correct[n:].sum()),
+            "steps": 1.0, "n": float(n), "n_clean": float(n_clean), "n_adv": float(n_adv),
+            "clean_correct": float(correct[:n_clean].sum()),
+            "adv_correct": float(correct[n_clean:].sum()),
             **extra_terms,
         }
     return loss, stats
@@ -712,7 +717,7 @@ def _epoch_record(epoch: int, sums: dict[str, float], opt: torch.optim.Optimizer
     record: dict[str, Any] = {
         "epoch": epoch + 1,
         "loss": sums.get("loss_sum", 0.0) / n,
-        "clean_acc": sums.get("clean_correct", 0.0) / n,
+        "clean_acc": sums.get("clean_correct", 0.0) / max(sums.get("n_clean", 0.0), 1.0),
         "adv_acc": sums.get("adv_correct", 0.0) / max(sums.get("n_adv", 0.0), 1.0),
         "lr": float(opt.param_groups[0]["lr"]),
         "seconds": seconds,

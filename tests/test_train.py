@@ -122,7 +122,7 @@ def test_oat_loss_is_the_per_sample_formula():
     assert n_attacked == 4 and not training_during_attack
     assert torch.equal(lam_during_attack, lam[lam > 0])
     assert model.training
-    assert stats["n"] == 6 and stats["n_adv"] == 4
+    assert stats["n"] == 6 and stats["n_adv"] == 4 and stats["n_clean"] == 5  # λ=1: no clean
 
     expected = torch.zeros(())
     for i in range(6):
@@ -356,3 +356,21 @@ def test_cli_train_reports_bad_data(tmp_path, capsys, data, message):
                      "--out", os.fspath(tmp_path)])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_extremes_sampler_batches_hold_no_zero_weight_clean_terms():
+    """With FLOAT's sampler (half λ=0, half λ=1) the training forward holds the clean λ=0
+    samples and the adversarial λ=1 ones only: the robust norms never see clean images."""
+    from oat_plugins.samplers import ExtremesLambdaSampler
+
+    model = _groupnorm_model().train()
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, args: seen.append((m.training, args[0].shape[0], m.lam.clone()))
+        if m.training else None)
+    lam = ExtremesLambdaSampler()(8, torch.Generator().manual_seed(0))
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    oat_loss(model, x, y, lam, torchattacks.FGSM(model, eps=2 / 255))
+    assert len(seen) == 1
+    _, batch, lam_seen = seen[0]
+    assert batch == 8 and int((lam_seen == 0).sum()) == 4 and int((lam_seen == 1).sum()) == 4
