@@ -30,7 +30,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,6 @@ class TrainConfig:
     find_unused_parameters: bool = True
     grad_clip: float | None = None
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.lambdas is not None:
@@ -498,7 +497,8 @@ def fit(
 
     Returns:
         ``{'history': [per-epoch metrics], 'epoch': epochs done, 'global_step': steps done,
-        'checkpoint': path of last.pt, 'finished': whether all epochs ran}``.
+        'checkpoint': path of last.pt, 'finished': whether all epochs ran}``. The model is
+        left in eval mode at the scalar λ it had before (0 if it had a per-sample λ).
     """
     if not isinstance(model, ConditionalModel):
         raise ValueError(f"fit trains a ConditionalModel (oat_plugins.wrap), got "
