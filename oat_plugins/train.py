@@ -574,6 +574,9 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
                    if k in old and old[k] != v and k not in ("max_steps", "progress")}
         if changed:
             logger.warning("resuming with a changed config (old, new): %s", changed)
+        if state.get("world_size", 1) != d.world_size and start_step:
+            logger.warning("resuming mid-epoch with %d processes instead of %d: the rest of "
+                           "that epoch's data order differs", d.world_size, state["world_size"])
         history = _read_metrics(out, start_epoch)
         logger.info("resumed from %s at epoch %d, step %d", ckpt_path, start_epoch, global_step)
     elif resume:
@@ -633,6 +636,7 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
         if skip and resumed_partial:
             sums = dict(resumed_partial["sums"])
             t0 -= resumed_partial["seconds"]
+        last_lr = float(opt.param_groups[0]["lr"])
         bar = _progress(steps_per_epoch, skip, config.progress and d.is_main,
                         f"epoch {epoch + 1}/{config.epochs}")
         batches = iter(loader)
@@ -655,6 +659,7 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
                 nn.utils.clip_grad_norm_(params, config.grad_clip)
             scaler.step(opt)
             scaler.update()
+            last_lr = float(opt.param_groups[0]["lr"])
             sched.step()
             global_step += 1
             loss_value = float(loss.detach())
@@ -687,7 +692,7 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
             logger.info("stopped at max_steps=%s (epoch %d, step %d of %d)", config.max_steps,
                         epoch + 1, step_in_epoch, steps_per_epoch)
             break
-        record = _epoch_record(epoch, sums, opt, time.perf_counter() - t0, d, device)
+        record = _epoch_record(epoch, sums, last_lr, time.perf_counter() - t0, d, device)
         if eval_data is not None and d.is_main:
             record.update(_evaluate(model, eval_data, config, local_batch, device, atk))
         save_checkpoint(epoch + 1, 0)
@@ -705,8 +710,8 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
             "checkpoint": os.fspath(ckpt_path), "finished": epoch_done >= config.epochs}
 
 
-def _epoch_record(epoch: int, sums: dict[str, float], opt: torch.optim.Optimizer,
-                  seconds: float, d: _Dist, device: torch.device) -> dict[str, Any]:
+def _epoch_record(epoch: int, sums: dict[str, float], lr: float, seconds: float, d: _Dist,
+                  device: torch.device) -> dict[str, Any]:
     keys = sorted(sums)
     if d.enabled:
         totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64,
@@ -719,7 +724,7 @@ def _epoch_record(epoch: int, sums: dict[str, float], opt: torch.optim.Optimizer
         "loss": sums.get("loss_sum", 0.0) / n,
         "clean_acc": sums.get("clean_correct", 0.0) / max(sums.get("n_clean", 0.0), 1.0),
         "adv_acc": sums.get("adv_correct", 0.0) / max(sums.get("n_adv", 0.0), 1.0),
-        "lr": float(opt.param_groups[0]["lr"]),
+        "lr": lr,  # used by the epoch's last step
         "seconds": seconds,
     }
     for key in keys:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -66,7 +67,9 @@ def test_fit_trains_film_and_writes_checkpoint_and_metrics(tmp_path):
         assert torch.isfinite(torch.tensor(r["loss"]))
         assert 0.0 <= r["clean_acc"] <= 1.0 and 0.0 <= r["adv_acc"] <= 1.0
         assert {"eval_clean_acc@0", "eval_adv_acc@1", "lr", "seconds"} <= r.keys()
-    assert records[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine ends at 0
+    # Cosine per step: the last step of epoch 2 (of 2) runs at lr·(1 + cos(π·5/6))/2.
+    assert records[-1]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert records[0]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 2 / 6)))
     csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert csv_lines[0].startswith("epoch,loss") and len(csv_lines) == 3
 
