@@ -206,6 +206,21 @@ class _Dist:
             dist.barrier()
 
 
+def _sync_buffers(model: nn.Module) -> None:
+    """Broadcast every buffer (BN running statistics, ...) from rank 0, one flat tensor per
+    dtype and device."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for buffer in model.buffers():
+        groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+    for buffers in groups.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, 0)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
 def _setup_distributed() -> _Dist:
     """Join the process group when launched by torchrun (RANK / WORLD_SIZE in the
     environment); nccl on CUDA, gloo on CPU. A no-op for a plain single process."""
@@ -587,7 +602,8 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
     if d.enabled:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=config.find_unused_parameters)
+            find_unused_parameters=config.find_unused_parameters,
+            broadcast_buffers=False)  # _sync_buffers runs before the attack instead
     atk = attack_factory(model) if attack_factory is not None else make_attack(model, config)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
@@ -634,7 +650,8 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
         if skip and resumed_partial:
-            sums = dict(resumed_partial["sums"])
+            if d.is_main:  # the saved sums are already summed over ranks
+                sums = dict(resumed_partial["sums"])
             t0 -= resumed_partial["seconds"]
         last_lr = float(opt.param_groups[0]["lr"])
         bar = _progress(steps_per_epoch, skip, config.progress and d.is_main,
@@ -651,6 +668,11 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             lam = lam_sampler(x.shape[0], lam_generator).to(device)
+            if d.enabled:
+                # Every rank attacks (eval mode) and trains with rank 0's running statistics,
+                # so a resumed run, restarted from rank 0's checkpoint, matches exactly.
+                with torch.no_grad():
+                    _sync_buffers(model)
             loss, stats = oat_loss(model, x, y, lam, atk, forward=net, autocast=autocast)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -683,10 +705,10 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
             # DDP keeps parameters in sync; buffers (BN running statistics) are broadcast from
             # rank 0 only at the next forward. Sync them now, so every rank holds the model
             # that rank 0 checkpoints and evaluates.
-            for buffer in model.buffers():
-                dist.broadcast(buffer, 0)
+            with torch.no_grad():
+                _sync_buffers(model)
         if stopped and step_in_epoch < steps_per_epoch:
-            partial.update(sums=sums, seconds=time.perf_counter() - t0)
+            partial.update(sums=_reduce_sums(sums, d, device), seconds=time.perf_counter() - t0)
             save_checkpoint(epoch, step_in_epoch)
             d.barrier()
             logger.info("stopped at max_steps=%s (epoch %d, step %d of %d)", config.max_steps,
@@ -710,14 +732,23 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
             "checkpoint": os.fspath(ckpt_path), "finished": epoch_done >= config.epochs}
 
 
+def _reduce_sums(sums: dict[str, float], d: _Dist, device: torch.device) -> dict[str, float]:
+    """Sum the per-rank epoch sums over all ranks (a collective: every rank calls it)."""
+    if not d.enabled:
+        return dict(sums)
+    gathered: list[list[str] | None] = [None] * d.world_size
+    dist.all_gather_object(gathered, sorted(sums))
+    keys = sorted(set().union(*gathered))
+    totals = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64,
+                          device=device if device.type == "cuda" else None)
+    dist.all_reduce(totals)
+    return dict(zip(keys, totals.tolist(), strict=True))
+
+
 def _epoch_record(epoch: int, sums: dict[str, float], lr: float, seconds: float, d: _Dist,
                   device: torch.device) -> dict[str, Any]:
+    sums = _reduce_sums(sums, d, device)
     keys = sorted(sums)
-    if d.enabled:
-        totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64,
-                              device=device if device.type == "cuda" else None)
-        dist.all_reduce(totals)
-        sums = dict(zip(keys, totals.tolist(), strict=True))
     n = max(sums.get("n", 0.0), 1.0)
     record: dict[str, Any] = {
         "epoch": epoch + 1,

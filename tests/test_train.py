@@ -223,27 +223,35 @@ def _free_port() -> int:
 
 
 def test_ddp_two_processes_on_cpu_with_gloo(tmp_path):
+    """torchrun, 2 processes, gloo: ranks end identical, the loss falls, rank 0 writes the
+    checkpoint, and a run stopped mid-epoch then resumed matches the uninterrupted one."""
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
          os.fspath(HERE / "train_script.py"), os.fspath(out), "--ddp", "--epochs", "4",
-         "--n-train", "64", "--batch-size", "32"],  # 16 per process, 2 steps per epoch
+         "--n-train", "64", "--batch-size", "32",  # 16 per process, 2 steps per epoch
+         "--interrupt-at", "3"],  # in the middle of epoch 2
         env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    _assert_same_state(ranks[0]["state_dict"], ranks[1]["state_dict"])
+    full = [torch.load(out / "full" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    _assert_same_state(full[0]["state_dict"], full[1]["state_dict"])
     initial = tiny_model().state_dict()
     fc = "backbone.fc.weight"
-    assert not torch.equal(ranks[0]["state_dict"][fc], initial[fc])
-    losses = [r["loss"] for r in ranks[0]["history"]]
+    assert not torch.equal(full[0]["state_dict"][fc], initial[fc])
+    losses = [r["loss"] for r in full[0]["history"]]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     for key in ("loss", "clean_acc", "adv_acc"):  # epoch metrics are all-reduced
-        assert [r[key] for r in ranks[0]["history"]] == [r[key] for r in ranks[1]["history"]]
-    ckpt = torch.load(out / "last.pt", weights_only=True)
+        assert [r[key] for r in full[0]["history"]] == [r[key] for r in full[1]["history"]]
+    ckpt = torch.load(out / "full" / "last.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["global_step"] == 4 * 2
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
-    _assert_same_state(ckpt["model"]["state_dict"], ranks[0]["state_dict"])
+    assert len((out / "full" / "metrics.jsonl").read_text().splitlines()) == 4
+    _assert_same_state(ckpt["model"]["state_dict"], full[0]["state_dict"])
+
+    for r in (0, 1):
+        resumed = torch.load(out / "resumed" / f"rank{r}.pt", weights_only=True)
+        _assert_same_state(full[r]["state_dict"], resumed["state_dict"])
+        assert [h["loss"] for h in resumed["history"]] == losses
 
 
 def test_fast_fgsm_and_named_torchattacks_attacks():

@@ -1,11 +1,13 @@
 """Helper run as a subprocess by tests/test_train.py (not a test module).
 
-    python tests/train_script.py OUT [--kill-at-step K] [--resume] [--threads T]
-    torchrun --nproc_per_node 2 tests/train_script.py OUT --ddp
+    python tests/train_script.py OUT [--kill-at-step K] [--resume]
+    torchrun --nproc_per_node 2 tests/train_script.py OUT --ddp --interrupt-at S
 
-Trains a tiny film model on the first 48 bundled images. With --kill-at-step the process
-SIGKILLs itself when the λ sampler is asked for step K (a real mid-epoch interruption). With
---ddp every rank writes OUT/rank<r>.pt holding its final state_dict.
+Trains a tiny film model on the first bundled images with one intra-op thread. With
+--kill-at-step the process SIGKILLs itself when the λ sampler is asked for step K (a real
+mid-epoch interruption). With --ddp the script joins the process group itself and trains
+twice: OUT/full uninterrupted, and OUT/resumed stopped after --interrupt-at steps then resumed;
+every rank writes OUT/<run>/rank<r>.pt with its final state_dict and history.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
 from train_helpers import tiny_config, tiny_data, tiny_model  # noqa: E402
@@ -44,22 +47,36 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--kill-at-step", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ddp", action="store_true")
+    parser.add_argument("--interrupt-at", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--n-train", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = tiny_model()
-    sampler = KillingSampler(args.kill_at_step) if args.kill_at_step else None
-    config = tiny_config(epochs=args.epochs, batch_size=args.batch_size)
-    result = fit(model, tiny_data(args.n_train), config, args.out,
-                 resume=args.resume, sampler=sampler)
-    if args.ddp:
-        rank = int(os.environ["RANK"])
+    torch.set_num_threads(1)
+    data = tiny_data(args.n_train)
+
+    def config(**overrides):
+        return tiny_config(epochs=args.epochs, batch_size=args.batch_size, **overrides)
+
+    if not args.ddp:
+        sampler = KillingSampler(args.kill_at_step) if args.kill_at_step else None
+        fit(tiny_model(), data, config(), args.out, resume=args.resume, sampler=sampler)
+        return
+
+    dist.init_process_group("gloo")  # fit() joins an existing group and leaves it open
+    rank = dist.get_rank()
+    out = Path(args.out)
+    full = tiny_model()
+    full_result = fit(full, data, config(), out / "full")
+    fit(tiny_model(), data, config(max_steps=args.interrupt_at), out / "resumed")
+    resumed = tiny_model(seed=7)
+    resumed_result = fit(resumed, data, config(), out / "resumed", resume=True)
+    for name, model, result in (("full", full, full_result),
+                                ("resumed", resumed, resumed_result)):
         torch.save({"state_dict": model.state_dict(), "history": result["history"]},
-                   Path(args.out) / f"rank{rank}.pt")
+                   out / name / f"rank{rank}.pt")
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
