@@ -10,9 +10,10 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS: tuple[str, ...] = (
-    "info",
+    "train",
     "benchmark",
     "leaderboard",
+    "info",
 )
 """Command modules, in the order ``--help`` lists them."""
 
