@@ -7,7 +7,7 @@ import logging
 import os
 import pickle
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import timm
@@ -19,7 +19,7 @@ from torchvision.transforms import Normalize
 from ._io import atomic_torch_save
 from ._version import __version__
 from .condition import Condition, Lambda
-from .layers.base import ConditionedModule, ConditionedParametrization
+from .layers.base import ConditionedModule, FoldableParametrization
 from .methods import Method, get_method
 from .surgery import fold_conditioned, foreign_modules, summarize
 
@@ -49,7 +49,7 @@ class ConditionalModel(nn.Module):
         check_inputs: bool = True,
     ) -> None:
         super().__init__()
-        if any(isinstance(m, (ConditionedModule, ConditionedParametrization))
+        if any(isinstance(m, (ConditionedModule, FoldableParametrization))
                for m in backbone.modules()):
             raise ValueError("this backbone is already conditioned; wrap a plain model")
         self.method = method
@@ -87,7 +87,7 @@ class ConditionalModel(nn.Module):
     def deterministic(self) -> bool:
         """False when the forward draws fresh randomness (e.g. FLOAT with resampled noise)."""
         return all(m.deterministic for m in self.modules()
-                   if isinstance(m, ConditionedParametrization))
+                   if isinstance(m, FoldableParametrization))
 
     @property
     def backbone_name(self) -> str | None:
@@ -101,16 +101,37 @@ class ConditionalModel(nn.Module):
         self.condition.check_batch(x.shape[0])
         return self.normalize(x)
 
+    def _run(self, fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+        """``fn(x)`` at the current λ. For a method with ``lambda_groups`` and a per-sample λ,
+        one call per distinct λ value (each at that scalar λ), concatenated in input order."""
+        if self.condition.is_scalar or not self.method.lambda_groups:
+            return fn(x)
+        self.condition.check_batch(x.shape[0])
+        lam = self.condition.lam
+        values = torch.unique(lam)
+        if values.numel() == 1:
+            with self.condition.scalar(float(values[0])):
+                return fn(x)
+        lam = lam.to(x.device)
+        index, outputs = [], []
+        for value in values.tolist():
+            idx = torch.nonzero(lam == value, as_tuple=True)[0]
+            with self.condition.scalar(value):
+                outputs.append(fn(x[idx]))
+            index.append(idx)
+        inverse = torch.argsort(torch.cat(index))
+        return _cat_groups(outputs, inverse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self._prepare(x))
+        return self._run(self.backbone, self._prepare(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """timm's ``forward_features`` on [0, 1] images, at the current λ."""
-        return self.backbone.forward_features(self._prepare(x))
+        return self._run(self.backbone.forward_features, self._prepare(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """timm's ``forward_head`` on features from :meth:`forward_features`."""
-        return self.backbone.forward_head(x, pre_logits=pre_logits)
+        return self._run(lambda t: self.backbone.forward_head(t, pre_logits=pre_logits), x)
 
     @property
     def num_classes(self) -> int:
@@ -174,6 +195,21 @@ class ConditionalModel(nn.Module):
     def extra_repr(self) -> str:
         lam = self.lam if self.condition.is_scalar else "per-sample"
         return f"method={self.method_name!r}, lam={lam}"
+
+
+def _cat_groups(outputs: list[Any], inverse: torch.Tensor) -> Any:
+    """Concatenate per-λ-group outputs (tensors, or tuples/lists of tensors) along the batch
+    and put them back in input order."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)[inverse]
+    if isinstance(first, (tuple, list)):
+        groups = zip(*outputs, strict=True)
+        return type(first)(_cat_groups(list(parts), inverse) for parts in groups)
+    raise TypeError(
+        f"cannot regroup a per-sample λ forward that returns {type(first).__name__}; "
+        "use a scalar λ"
+    )
 
 
 def _in_chans(backbone: nn.Module) -> int | None:
