@@ -21,6 +21,7 @@ from ._version import __version__
 from .condition import Condition, Lambda
 from .layers.base import ConditionedModule, FoldableParametrization
 from .methods import Method, get_method
+from .stats import count_nonzero, masked_density
 from .surgery import fold_conditioned, foreign_modules, summarize
 
 logger = logging.getLogger(__name__)
@@ -167,10 +168,7 @@ class ConditionalModel(nn.Module):
                 f"method {self.method_name!r} is configured to draw fresh noise every forward "
                 "(resample); its function at a fixed λ is random and cannot be exported"
             )
-        with torch.no_grad():
-            copied = copy.deepcopy(self)
-            copied.set_lambda(lam)
-            backbone = fold_conditioned(copied.backbone)
+        backbone = self._folded_backbone(lam)
         left = foreign_modules(backbone)
         if left:
             raise RuntimeError(f"export left conditioned modules behind: {left[:5]}")
@@ -178,9 +176,17 @@ class ConditionalModel(nn.Module):
             return backbone
         return nn.Sequential(Normalize(*self.normalize_stats), backbone)
 
+    def _folded_backbone(self, lam: float) -> nn.Module:
+        """A copy of the backbone with every conditioned piece folded at scalar ``lam``."""
+        with torch.no_grad():
+            copied = copy.deepcopy(self)
+            copied.set_lambda(lam)
+            return fold_conditioned(copied.backbone)
+
     def summary(self) -> str:
-        """What the method conditioned, and the parameter overhead over the backbone."""
-        plain = self.export(0.0)
+        """What the method conditioned, the parameter overhead over the backbone and, for
+        masked (sparse) models, the non-zero parameter counts."""
+        plain = self._folded_backbone(0.0)  # at λ = 0 also for resampled noise (none drawn)
         n_plain = sum(p.numel() for p in plain.parameters())
         n_total = sum(p.numel() for p in self.parameters())
         lines = [
@@ -190,6 +196,15 @@ class ConditionalModel(nn.Module):
             f"  parameters: {n_total:,} vs {n_plain:,} plain "
             f"(+{n_total - n_plain:,}, {100.0 * (n_total - n_plain) / max(n_plain, 1):+.1f} %)",
         ]
+        kept = masked_density(self)
+        if kept is not None:
+            ours, folded = count_nonzero(self), count_nonzero(plain)
+            lines.append(
+                f"  non-zero parameters: {ours.nonzero:,} of {ours.total:,} "
+                f"({100.0 * ours.density:.1f} %); exported: {folded.nonzero:,} of "
+                f"{folded.total:,} ({100.0 * folded.density:.1f} %); masked weights kept: "
+                f"{100.0 * kept:.1f} %"
+            )
         return "\n".join(lines)
 
     def extra_repr(self) -> str:

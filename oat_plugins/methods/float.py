@@ -174,6 +174,7 @@ class Float(Method):
         done = []
         change = "W + α·λ·η" + (" then ⊙ mask" if opts.density is not None else "")
         for index, ((name, module), mask) in enumerate(zip(sites, masks, strict=True)):
+            original_type = type(module).__name__
             noise = WeightNoise(
                 module.weight, condition, noise=opts.noise, alpha_init=opts.alpha_init,
                 alpha_per_channel=opts.alpha_per_channel, seed=_layer_seed(opts.seed, index),
@@ -181,7 +182,7 @@ class Float(Method):
             parametrize.register_parametrization(module, "weight", noise)
             if mask is not None:
                 apply_mask(module, mask)
-            done.append(Replacement(f"{name}.weight", type(module).__name__, change))
+            done.append(Replacement(f"{name}.weight", original_type, change))
 
         if opts.dual_norm:
             done += replace_modules(backbone, lambda _, m: is_norm(m),
