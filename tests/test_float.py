@@ -390,6 +390,12 @@ def test_snip_masks_need_data_then_follow_saliency(tmp_path):
     assert not torch.equal(mask, masks_from_scores([ref.weight.detach().abs()], 0.2)[0])
     assert torch.all(conv.parametrizations.weight.original[~mask] == 0)
     assert model.method.options.prune == "snip"
+    oat_plugins.save(model, tmp_path / "snip.pt")  # rebuilt with pending masks, then loaded
+    loaded = oat_plugins.load(tmp_path / "snip.pt", backbone=timm.create_model(
+        SMALL, num_classes=10)).eval()
+    assert loaded.method.options.prune == "snip"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
 
 
 def test_weight_mask_is_generic():
