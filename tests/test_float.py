@@ -25,6 +25,16 @@ X = (2, 3, 32, 32)
 SMALL = "test_byobnet"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These models are tiny: one intra-op thread is faster, and far faster on a shared,
+    loaded machine (OpenMP threads spin-wait under contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -436,3 +446,4 @@ def test_families(name):
         diff = (exported(x[:1]) - mixed[:1]).abs().max()
         assert diff <= 1e-4 and diff <= 1e-3 * scale
     assert n_params(exported) == n_plain and foreign_modules(exported) == []
+    assert {type(m) for m in exported.modules() if isinstance(m, nn.Conv2d)} == conv_types
