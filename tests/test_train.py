@@ -253,6 +253,14 @@ def test_ddp_two_processes_on_cpu_with_gloo(tmp_path):
         _assert_same_state(full[r]["state_dict"], resumed["state_dict"])
         assert [h["loss"] for h in resumed["history"]] == losses
 
+    unused = [torch.load(out / "unused" / f"rank{r}.pt", weights_only=True)["state_dict"]
+              for r in (0, 1)]
+    _assert_same_state(unused[0], unused[1])
+    for key, value in unused[0].items():
+        if ".clean." in key and key.endswith(("weight", "bias")):
+            assert torch.equal(value, initial[key]), key  # no λ = 0 sample: untouched
+    assert not torch.equal(unused[0][fc], initial[fc])
+
 
 def test_fast_fgsm_and_named_torchattacks_attacks():
     model = tiny_model()
