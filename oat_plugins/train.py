@@ -663,6 +663,9 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
         logger.info("resumed from %s at epoch %d, step %d", ckpt_path, start_epoch, global_step)
     elif resume:
         logger.info("no checkpoint at %s; starting from scratch", ckpt_path)
+    elif ckpt_path.is_file() and d.is_main:
+        logger.warning("%s exists and will be overwritten (resume=True / --resume continues "
+                       "from it)", ckpt_path)
     d.barrier()  # nobody writes last.pt before every rank has read it
 
     net: nn.Module = LossForward(model)
