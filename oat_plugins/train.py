@@ -48,7 +48,15 @@ from .samplers import DiscreteLambdaSampler, LambdaSampler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "config_from_dict", "default_alpha", "fit", "make_attack", "oat_loss"]
+__all__ = [
+    "LossForward",
+    "TrainConfig",
+    "config_from_dict",
+    "default_alpha",
+    "fit",
+    "make_attack",
+    "oat_loss",
+]
 
 CHECKPOINT_NAME = "last.pt"
 METRICS_JSONL = "metrics.jsonl"
@@ -301,6 +309,66 @@ def _default_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
 
 
 # -- the loss --------------------------------------------------------------------------------
+def _by_lambda(model: ConditionalModel, fn: Callable[[torch.Tensor], torch.Tensor],
+               inputs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``fn(inputs)`` with each sample at its λ: in one call when the method takes a
+    per-sample λ, else one call per distinct λ value (results put back in batch order)."""
+    if model.condition.per_sample_allowed:
+        model.set_lambda(lam)
+        return fn(inputs)
+    values = torch.unique(lam).tolist()
+    if len(values) == 1:
+        model.set_lambda(values[0])
+        return fn(inputs)
+    result = None
+    for value in values:
+        idx = (lam == value).nonzero().squeeze(1)
+        model.set_lambda(value)
+        out = fn(inputs[idx])
+        if result is None:
+            result = out.new_zeros((inputs.shape[0], *out.shape[1:]))
+        result = result.index_copy(0, idx, out)
+    return result
+
+
+def _attack_by_lambda(model: ConditionalModel, attack: torchattacks.attack.Attack,
+                      x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Adversarial examples with each sample attacked at its λ (grouped by λ value for
+    methods that take one λ per batch)."""
+    if model.condition.per_sample_allowed:
+        model.set_lambda(lam)
+        return attack(x, y).detach()
+    x_adv = torch.empty_like(x)
+    for value in torch.unique(lam).tolist():
+        idx = (lam == value).nonzero().squeeze(1)
+        model.set_lambda(value)
+        x_adv[idx] = attack(x[idx], y[idx]).detach()
+    return x_adv
+
+
+class LossForward(nn.Module):
+    """The training forward of a :class:`~oat_plugins.ConditionalModel`: ``forward(inputs,
+    lam)`` returns ``(logits, terms)``, the logits with each input at its λ (grouped by λ
+    value for methods that take one λ per batch) and the method's optional
+    ``loss_terms(model)`` as a dict of tensors. Distributed training wraps this module, so
+    everything that makes gradients runs inside the DistributedDataParallel forward."""
+
+    def __init__(self, model: ConditionalModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor,
+                lam: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = _by_lambda(self.model, self.model, inputs, lam)
+        hook = getattr(self.model.method, "loss_terms", None)
+        terms = hook(self.model) if callable(hook) else None
+        if terms is None:
+            terms = {}
+        elif isinstance(terms, torch.Tensor):
+            terms = {"extra": terms}
+        return logits, dict(terms)
+
+
 def oat_loss(
     model: ConditionalModel,
     x: torch.Tensor,
@@ -316,12 +384,13 @@ def oat_loss(
     ``x_adv`` is ``attack`` run on the λ > 0 samples only, at their λ (torchattacks puts the
     model in eval mode for it); then one forward in the model's current mode on
     ``[x of the λ < 1 samples ; x_adv]`` with matching per-sample λ (a clean term with weight
-    0 is not computed). A method's optional ``loss_terms(model)``
-    hook (a tensor or a dict of tensors) is added. ``forward`` is the module the loss forward
-    goes through (e.g. the DistributedDataParallel wrapper; default ``model``). Leaves λ set to
-    the per-sample λ of the concatenated batch. Returns the loss and batch statistics.
+    0 is not computed). Methods that take one λ per batch are run once per distinct λ. A
+    method's optional ``loss_terms(model)`` hook (a tensor or a dict of tensors) is added.
+    ``forward`` is the :class:`LossForward` of ``model``, or a wrapper of it such as
+    DistributedDataParallel (default: a new ``LossForward(model)``). Leaves λ set to the last
+    forward's. Returns the loss and batch statistics.
     """
-    forward = model if forward is None else forward
+    forward = LossForward(model) if forward is None else forward
     autocast = contextlib.nullcontext if autocast is None else autocast
     was_training = model.training
     n = x.shape[0]
@@ -329,10 +398,9 @@ def oat_loss(
     n_adv = int(adv.sum())
     x_adv = x[:0]
     if n_adv:
-        model.set_lambda(lam[adv])
         with autocast():
             # torchattacks puts the model in eval mode for the attack and restores train mode.
-            x_adv = attack(x[adv], y[adv]).detach()
+            x_adv = _attack_by_lambda(model, attack, x[adv], y[adv], lam[adv])
         if model.training != was_training:
             raise RuntimeError("the attack changed the model's train/eval mode")
     # Clean terms of λ = 1 samples have weight 0: left out, so that (e.g. with FLOAT's
@@ -343,22 +411,14 @@ def oat_loss(
     targets = torch.cat([y[clean], y[adv]])
     lam_all = torch.cat([lam[clean], lam[adv]])
     weights = torch.cat([1.0 - lam[clean], lam[adv]])
-    model.set_lambda(lam_all)
     with autocast():
-        logits = forward(inputs)
+        logits, terms = forward(inputs, lam_all)
     losses = F.cross_entropy(logits.float(), targets, reduction="none")
     loss = (weights * losses).sum() / n
-    method = model.method
-    hook = getattr(method, "loss_terms", None)
     extra_terms = {}
-    if callable(hook):
-        terms = hook(model)
-        if terms is not None:
-            if isinstance(terms, torch.Tensor):
-                terms = {"extra": terms}
-            for key, value in terms.items():
-                loss = loss + value
-                extra_terms[f"loss_{key}"] = float(value.detach())
+    for key, value in terms.items():
+        loss = loss + value
+        extra_terms[f"loss_{key}"] = float(value.detach())
     with torch.no_grad():
         correct = logits.argmax(1) == targets
         stats = {
@@ -541,9 +601,16 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_data)} samples) is smaller than one "
                          f"batch ({config.batch_size})")
-    if lam_sampler is None:
-        lam_sampler = (DiscreteLambdaSampler(config.lambdas, config.clean_fraction)
-                       if config.lambdas is not None else model.method.default_sampler())
+    if lam_sampler is None and config.lambdas is not None:
+        lam_sampler = DiscreteLambdaSampler(config.lambdas, config.clean_fraction)
+    elif lam_sampler is None:
+        try:
+            lam_sampler = model.method.default_sampler()
+        except NotImplementedError:
+            raise ValueError(
+                f"method {model.method_name!r} declares no default λ sampler; pass "
+                "TrainConfig(lambdas=...) or fit(..., sampler=...)"
+            ) from None
     n_clean = round(getattr(lam_sampler, "clean_fraction", 0.5) * local_batch)
     if 0 < n_clean < 2 or local_batch - n_clean < 2:
         logger.warning("only %d of the %d samples per process are at λ = 0: batch norms see "
@@ -596,12 +663,15 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
         logger.info("resumed from %s at epoch %d, step %d", ckpt_path, start_epoch, global_step)
     elif resume:
         logger.info("no checkpoint at %s; starting from scratch", ckpt_path)
+    elif ckpt_path.is_file() and d.is_main:
+        logger.warning("%s exists and will be overwritten (resume=True / --resume continues "
+                       "from it)", ckpt_path)
     d.barrier()  # nobody writes last.pt before every rank has read it
 
-    net: nn.Module = model
+    net: nn.Module = LossForward(model)
     if d.enabled:
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
+            net, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=config.find_unused_parameters,
             broadcast_buffers=False)  # _sync_buffers runs before the attack instead
     atk = attack_factory(model) if attack_factory is not None else make_attack(model, config)

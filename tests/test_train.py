@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 import torchattacks
@@ -19,12 +20,20 @@ from torch import nn
 
 import oat_plugins
 from oat_plugins.cli import main as cli_main
+from oat_plugins.methods.film import Film
 from oat_plugins.samplers import DiscreteLambdaSampler
 from oat_plugins.train import TrainConfig, default_alpha, fit, make_attack, oat_loss
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, os.fspath(HERE))
-from train_helpers import BATCH, N_TRAIN, tiny_config, tiny_data, tiny_model  # noqa: E402
+from train_helpers import (  # noqa: E402
+    BATCH,
+    N_TRAIN,
+    TINY_KWARGS,
+    tiny_config,
+    tiny_data,
+    tiny_model,
+)
 
 STEPS_PER_EPOCH = N_TRAIN // BATCH
 
@@ -101,29 +110,47 @@ class _RecordingFGSM(torchattacks.FGSM):
         self.calls = []
 
     def forward(self, images, labels):
-        self.calls.append((images.shape[0], self.model.training, self.model.lam.clone()))
+        lam = self.model.lam
+        self.calls.append((images.shape[0], self.model.training,
+                           lam.clone() if isinstance(lam, torch.Tensor) else lam))
         return super().forward(images, labels)
 
 
-def _groupnorm_model() -> oat_plugins.ConditionalModel:
+class ScalarFilm(Film):
+    """``film`` restricted to one λ per batch, like a method without per-sample λ (not
+    registered: built directly)."""
+
+    per_sample = False
+
+
+def _groupnorm_model(per_sample: bool = True) -> oat_plugins.ConditionalModel:
     """Per-sample independent norms, so a batch equals its samples one by one."""
+    torch.manual_seed(0)
     backbone = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, channels=(8, 16, 32, 64),
                       stem_width=8, norm_layer=lambda c: nn.GroupNorm(4, c))
-    return oat_plugins.wrap(backbone, "film", normalize=None)
+    if per_sample:
+        return oat_plugins.wrap(backbone, "film", normalize=None)
+    return oat_plugins.ConditionalModel(backbone, ScalarFilm(), normalize=None)
 
 
-def test_oat_loss_is_the_per_sample_formula():
-    model = _groupnorm_model().train()
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_oat_loss_is_the_per_sample_formula(per_sample):
+    model = _groupnorm_model(per_sample).train()
     x, y = torch.rand(6, 3, 32, 32), torch.randint(0, 10, (6,))
     lam = torch.tensor([0.0, 0.1, 1.0, 0.0, 0.4, 0.2])
     attack = _RecordingFGSM(model, eps=8 / 255)
     loss, stats = oat_loss(model, x, y, lam, attack)
 
     # The attack saw only the λ > 0 samples, at their λ, in eval mode; train mode is back.
-    assert len(attack.calls) == 1
-    n_attacked, training_during_attack, lam_during_attack = attack.calls[0]
-    assert n_attacked == 4 and not training_during_attack
-    assert torch.equal(lam_during_attack, lam[lam > 0])
+    assert all(not training for _, training, _ in attack.calls)
+    if per_sample:
+        assert len(attack.calls) == 1
+        n_attacked, _, lam_during_attack = attack.calls[0]
+        assert n_attacked == 4 and torch.equal(lam_during_attack, lam[lam > 0])
+    else:  # one attack per distinct λ > 0, each at a scalar λ
+        assert sorted((lam_seen, n) for n, _, lam_seen in attack.calls) == [
+            (pytest.approx(0.1), 1), (pytest.approx(0.2), 1), (pytest.approx(0.4), 1),
+            (1.0, 1)]
     assert model.training
     assert stats["n"] == 6 and stats["n_adv"] == 4 and stats["n_clean"] == 5  # λ=1: no clean
 
@@ -252,6 +279,14 @@ def test_ddp_two_processes_on_cpu_with_gloo(tmp_path):
         resumed = torch.load(out / "resumed" / f"rank{r}.pt", weights_only=True)
         _assert_same_state(full[r]["state_dict"], resumed["state_dict"])
         assert [h["loss"] for h in resumed["history"]] == losses
+
+    unused = [torch.load(out / "unused" / f"rank{r}.pt", weights_only=True)["state_dict"]
+              for r in (0, 1)]
+    _assert_same_state(unused[0], unused[1])
+    for key, value in unused[0].items():
+        if ".clean." in key and key.endswith(("weight", "bias")):
+            assert torch.equal(value, initial[key]), key  # no λ = 0 sample: untouched
+    assert not torch.equal(unused[0][fc], initial[fc])
 
 
 def test_fast_fgsm_and_named_torchattacks_attacks():
@@ -385,3 +420,15 @@ def test_extremes_sampler_batches_hold_no_zero_weight_clean_terms():
     assert len(seen) == 1
     _, batch, lam_seen = seen[0]
     assert batch == 8 and int((lam_seen == 0).sum()) == 4 and int((lam_seen == 1).sum()) == 4
+
+
+def test_fit_trains_a_method_without_per_sample_lambda(tmp_path):
+    torch.manual_seed(0)
+    model = oat_plugins.ConditionalModel(
+        timm.create_model("resnet10t", num_classes=10, **TINY_KWARGS), ScalarFilm(),
+        normalize=None)
+    before = _state(model)
+    result = fit(model, tiny_data(), tiny_config(epochs=1), tmp_path)
+    assert result["finished"] and torch.isfinite(torch.tensor(result["history"][0]["loss"]))
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert isinstance(model.lam, float)

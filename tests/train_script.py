@@ -7,7 +7,8 @@ Trains a tiny film model on the first bundled images with one intra-op thread. W
 --kill-at-step the process SIGKILLs itself when the λ sampler is asked for step K (a real
 mid-epoch interruption). With --ddp the script joins the process group itself and trains
 twice: OUT/full uninterrupted, and OUT/resumed stopped after --interrupt-at steps then resumed;
-every rank writes OUT/<run>/rank<r>.pt with its final state_dict and history.
+then OUT/unused trains one epoch with no λ = 0 sample (unused clean norm branches); every rank
+writes OUT/<run>/rank<r>.pt with its final state_dict and history.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main() -> None:
     data = tiny_data(args.n_train)
 
     def config(**overrides):
-        return tiny_config(epochs=args.epochs, batch_size=args.batch_size, **overrides)
+        return tiny_config(**{"epochs": args.epochs, "batch_size": args.batch_size, **overrides})
 
     if not args.ddp:
         sampler = KillingSampler(args.kill_at_step) if args.kill_at_step else None
@@ -72,8 +73,13 @@ def main() -> None:
     fit(tiny_model(), data, config(max_steps=args.interrupt_at), out / "resumed")
     resumed = tiny_model(seed=7)
     resumed_result = fit(resumed, data, config(), out / "resumed", resume=True)
+    # No λ = 0 sample anywhere: the clean norm branches get no gradient (DDP must cope).
+    unused = tiny_model()
+    unused_result = fit(unused, data, config(lambdas=(0.5, 1.0), clean_fraction=0.0, epochs=1),
+                        out / "unused")
     for name, model, result in (("full", full, full_result),
-                                ("resumed", resumed, resumed_result)):
+                                ("resumed", resumed, resumed_result),
+                                ("unused", unused, unused_result)):
         torch.save({"state_dict": model.state_dict(), "history": result["history"]},
                    out / name / f"rank{rank}.pt")
     dist.destroy_process_group()
