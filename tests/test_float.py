@@ -25,16 +25,6 @@ X = (2, 3, 32, 32)
 SMALL = "test_byobnet"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: one intra-op thread is faster, and far faster on a shared,
-    loaded machine (OpenMP threads spin-wait under contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -48,16 +48,6 @@ def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models run fastest so on a shared CPU, and the in-process
-    runs match the subprocess ones (which use one thread) bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_fit_trains_film_and_writes_checkpoint_and_metrics(tmp_path):
     model = tiny_model()
     before = _state(model)
