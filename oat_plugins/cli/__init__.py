@@ -9,7 +9,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ("info",)
+COMMANDS: tuple[str, ...] = (
+    "train",
+    "benchmark",
+    "leaderboard",
+    "info",
+)
 """Command modules, in the order ``--help`` lists them."""
 
 

@@ -1,0 +1,206 @@
+"""``oat-plugins train``: adversarially train a conditional model (OAT's recipe by default).
+
+Works the same under ``torchrun --nproc_per_node N`` (DistributedDataParallel)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def parse_number(text: str) -> float:
+    """A float, also written as a fraction such as ``8/255``."""
+    try:
+        value = float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(
+            f"expected a number such as 0.031 or 8/255, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def parse_lambdas(text: str) -> tuple[float, ...]:
+    """A comma-separated list of training λ values in [0, 1] with at least one λ > 0."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("--lambdas needs a comma-separated list, e.g. "
+                                         "0,0.1,0.2,0.3,0.4,1")
+    values = []
+    for part in parts:
+        try:
+            values.append(parse_number(part))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not a number (expected e.g. 0,0.1,0.2,0.3,0.4,1)"
+            ) from None
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"values must be in [0, 1], got {bad}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"repeated values in {values}")
+    if not any(v > 0 for v in values):
+        raise argparse.ArgumentTypeError("needs at least one λ > 0 "
+                                         "(λ = 0 alone is plain training)")
+    return tuple(values)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--option takes KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="adversarially train a conditional model",
+        description="Wrap a timm backbone with a method and train it with OAT's recipe "
+        "(per-sample λ, torchattacks PGD on the λ > 0 samples, loss (1-λ)·CE(x) + λ·CE(x_adv)). "
+        "Writes OUT/last.pt every epoch, OUT/metrics.jsonl and .csv, and OUT/model.pt at the "
+        "end. Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True,
+                        help="timm model name, e.g. resnet18 (created with the data's classes)")
+    parser.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
+                        help='extra timm.create_model kwargs, e.g. \'{"drop_rate": 0.1}\'')
+    parser.add_argument("--pretrained", action="store_true",
+                        help="start from timm's pretrained weights (downloads them)")
+    parser.add_argument("--method", required=True, help="conditioning method, e.g. film")
+    parser.add_argument("--option", type=_option, action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="a method option (JSON value), repeatable, e.g. encoding=\"scalar\"")
+    parser.add_argument("--data", default="bundled",
+                        help="cifar10, cifar100, svhn (stored under --data-dir), bundled (the "
+                        "CIFAR-10 sample in the package) or a path to an ImageFolder directory")
+    parser.add_argument("--data-dir", default=None,
+                        help="root of torchvision datasets (default $OAT_PLUGINS_DATA or "
+                        "~/.cache/oat-plugins/data)")
+    parser.add_argument("--no-download", action="store_true",
+                        help="never download a torchvision dataset")
+    parser.add_argument("--image-size", type=_positive_int, default=None,
+                        help="resize ImageFolder images to this size")
+    parser.add_argument("--limit-train", type=_positive_int, default=None, metavar="N",
+                        help="train on the first N training images only (smoke runs)")
+    parser.add_argument("--eval-samples", type=int, default=1000, metavar="N",
+                        help="test images evaluated after each epoch (0: no evaluation)")
+    parser.add_argument("--epochs", type=_positive_int, default=200, help="training epochs")
+    parser.add_argument("--batch-size", type=_positive_int, default=128,
+                        help="global batch size (split over torchrun processes)")
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    parser.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine",
+                        help="learning-rate schedule (per step)")
+    parser.add_argument("--lambdas", type=parse_lambdas, default=None, metavar="LIST",
+                        help="training λ set, e.g. 0,0.1,0.2,0.3,0.4,1 (default: the method's "
+                        "own sampler)")
+    parser.add_argument("--clean-fraction", type=float, default=None,
+                        help="share of each batch at λ = 0 with --lambdas "
+                        "(default 1/len(lambdas))")
+    parser.add_argument("--attack", default="pgd",
+                        help="pgd, fgsm-rs (fast training) or a torchattacks class name")
+    parser.add_argument("--eps", type=parse_number, default=8 / 255,
+                        help="attack budget, e.g. 8/255")
+    parser.add_argument("--alpha", type=parse_number, default=None,
+                        help="attack step (default min(1.25ε, ε+4/255)/steps; 1.25ε for "
+                        "fgsm-rs)")
+    parser.add_argument("--steps", type=_positive_int, default=7, help="attack iterations")
+    parser.add_argument("--amp", action="store_true", help="mixed precision")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the whole run")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/last.pt when it exists")
+    parser.add_argument("--max-steps", type=_positive_int, default=None,
+                        help="stop after this many optimizer steps in total")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.data import Subset
+
+    import oat_plugins
+    from oat_plugins import data as datasets
+    from oat_plugins.train import TrainConfig, fit
+
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        logging.getLogger().setLevel(logging.WARNING)
+    if args.eval_samples < 0:
+        raise ValueError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, schedule=args.schedule, eps=args.eps, alpha=args.alpha,
+        steps=args.steps, attack=args.attack, lambdas=args.lambdas,
+        clean_fraction=args.clean_fraction, amp=args.amp, seed=args.seed,
+        max_steps=args.max_steps, num_workers=args.num_workers,
+        eval_max_samples=max(args.eval_samples, 1), progress=not args.no_progress,
+    )
+    download = not args.no_download
+    train_data = datasets.load_dataset(args.data, "train", data_dir=args.data_dir,
+                                       download=download, image_size=args.image_size)
+    if args.limit_train is not None:
+        train_data = Subset(train_data, range(min(args.limit_train, len(train_data))))
+    eval_data = None
+    if args.eval_samples > 0:
+        eval_data = datasets.load_dataset(args.data, "test", data_dir=args.data_dir,
+                                          download=download, image_size=args.image_size)
+    model_kwargs = dict(args.model_kwargs or {})
+    model_kwargs.setdefault("num_classes", datasets.num_classes(args.data, args.data_dir))
+    stats = datasets.dataset_stats(args.data)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
+    import timm
+
+    backbone = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+    model = oat_plugins.wrap(backbone, args.method, normalize=stats or "auto",
+                             model_kwargs=model_kwargs, **dict(args.option))
+    result = fit(model, train_data, config, args.out, resume=args.resume, eval_data=eval_data)
+    if int(os.environ.get("RANK", "0")) == 0:
+        path = Path(args.out) / "model.pt"
+        oat_plugins.save(model, path)
+        last = result["history"][-1] if result["history"] else {}
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items()
+                            if isinstance(v, float))
+        print(f"trained {result['epoch']} epoch(s), {result['global_step']} steps"
+              f"{' (stopped at --max-steps)' if not result['finished'] else ''}; "
+              f"{summary or 'no completed epoch'}\nwrote {path} and "
+              f"{result['checkpoint']}")
+    return 0
