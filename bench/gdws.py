@@ -9,7 +9,8 @@ accuracies are not)::
 
     python bench/gdws.py --timm-model resnet18 --betas 0.3,1,3 --n-test 200
 
-Data: CIFAR-10 (JPEG q75) from ``/work/shared/data/cifar10-jpeg.tar.gz``; alphas are computed
+Data: CIFAR-10 (JPEG q75) from ``/work/shared/data/cifar10-jpeg.tar.gz`` (or ``--data`` any
+``oat_plugins.data.load_dataset`` spec, e.g. ``bundled``); alphas are computed
 on the first ``--alpha-samples`` *train* images (PGD), accuracies on the first ``--n-test``
 *test* images (classes interleaved). Latency: median over ``--repeats`` of one forward of the
 same batch under ``torch.inference_mode`` with ``--threads`` threads, original and converted
@@ -66,11 +67,20 @@ def load_cifar_tar(path: str, split: str, n: int) -> tuple[torch.Tensor, torch.T
 
 
 def load_images(args: argparse.Namespace, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First ``n`` images of ``split``: from the CIFAR-10 JPEG tarball (read directly), or any
+    ``oat_plugins.data.load_dataset`` spec (``bundled``, ``cifar10``, an ImageFolder directory),
+    without augmentation, in a fixed class-interleaved order."""
     if n <= 0:
         return torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.long)
-    # TODO(lead): switch to oat_plugins.data once its API is settled; the tarball is the
-    # documented source either way.
-    return load_cifar_tar(args.data, split, n)
+    if str(args.data).endswith((".tar.gz", ".tgz", ".tar")):
+        return load_cifar_tar(args.data, split, n)
+    from oat_plugins.data import load_dataset
+
+    ds = load_dataset(args.data, split, augment=False, download=False)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(ds), generator=g)[:n].tolist()  # fixed subset across classes
+    pairs = [ds[i] for i in idx]
+    return torch.stack([p[0] for p in pairs]), torch.tensor([int(p[1]) for p in pairs])
 
 
 def load_model(args: argparse.Namespace) -> nn.Module:
@@ -186,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated budget fractions of full rank (MEGO); replaces --betas")
     p.add_argument("--alpha-samples", type=int, default=32,
                    help="train images for PGD alphas (0: alpha = 1)")
-    p.add_argument("--data", default=DEFAULT_TAR)
+    p.add_argument("--data", default=DEFAULT_TAR,
+                   help="CIFAR-10 JPEG tarball, or an oat_plugins.data spec / ImageFolder dir")
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--pgd-steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=64, help="latency batch size")
@@ -204,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     model = load_model(args)
-    have_data = Path(args.data).exists()
+    have_data = Path(args.data).exists() or args.data in ("bundled", "cifar10", "cifar100",
+                                                          "svhn")
     if not have_data:
         print(f"no data at {args.data}: accuracies and alphas skipped", file=sys.stderr)
     xt, yt = load_images(args, "test", args.n_test if have_data else 0)
