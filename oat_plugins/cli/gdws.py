@@ -23,8 +23,10 @@ import logging
 import sys
 from typing import Any
 
-import torch
 from torch import nn
+
+import oat_plugins
+from oat_plugins.model import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +74,12 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
 
         kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
         model = timm.create_model(args.timm_model, pretrained=False, **kwargs)
-        sd = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        sd = read_checkpoint(args.checkpoint)
         if isinstance(sd, dict) and "state_dict" in sd:
             sd = sd["state_dict"]
         model.load_state_dict(sd)
         return model.eval(), args.timm_model
-    import oat_plugins
-
-    load = getattr(oat_plugins, "load", None)
-    if load is None:
-        raise RuntimeError("oat_plugins.load is not available; pass --timm-model NAME")
-    cond = load(args.checkpoint)
+    cond = oat_plugins.load(args.checkpoint)
     model = cond.export() if args.lam is None else cond.export(args.lam)
     return model.eval(), None
 
@@ -95,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         model, arch = _load_model(args)
         alphas = None
         if args.alphas:
-            alphas = torch.load(args.alphas, map_location="cpu", weights_only=True)
+            alphas = read_checkpoint(args.alphas)
         new, report = convert(
             model, beta=args.beta, budget=args.budget, alphas=alphas,
             skip_first=not args.keep_first,

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..surgery import set_submodule
 from .core import GDWSFactors, full_rank, lego, mego
-from .layer import GDWSConv2d
+from .layer import GDWSConv2d, _pair
 
 __all__ = [
     "ConvSpec",
@@ -273,16 +274,6 @@ def _validate(beta: float | None, budget: Budget | None) -> None:
             raise ValueError(f"an int budget is G per layer, >= 1; got {budget}")
 
 
-def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def convert(
     model: nn.Module,
     beta: float | None = None,
@@ -364,7 +355,7 @@ def convert(
             )
             continue
         layer.train(conv.training)
-        _set_submodule(new, name, layer)
+        set_submodule(new, name, layer)
         row.replaced = True
     n_rep = sum(r.replaced for r in report)
     logger.info("GDWS: replaced %d of %d convs", n_rep, len(report))

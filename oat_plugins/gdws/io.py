@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_torch_save
+from ..model import read_checkpoint
 from .layer import GDWSConv2d
 
 __all__ = ["FORMAT", "count_macs", "load_converted", "save_converted", "source_spec"]
@@ -139,7 +140,7 @@ def load_converted(
             else.
         map_location: as in :func:`torch.load`.
     """
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = read_checkpoint(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a file written by save_converted ({FORMAT})")
     src = payload["source"]
