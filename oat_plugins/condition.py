@@ -87,6 +87,19 @@ class Condition:
         self._lam = validate_lambda(value, per_sample=self.per_sample_allowed)
         self._cache.clear()
 
+    @contextlib.contextmanager
+    def scalar(self, value: float) -> Iterator[None]:
+        """Temporarily hold the scalar λ ``value`` (already validated: one of the values of the
+        current per-sample λ); used to run one forward per λ group."""
+        saved = self._lam
+        self._lam = float(value)
+        self._cache.clear()
+        try:
+            yield
+        finally:
+            self._lam = saved
+            self._cache.clear()
+
     def set_encoder(self, encoder: nn.Module | None) -> None:
         if encoder is not None and any(True for _ in encoder.parameters()):
             raise ValueError("a λ encoder must have no parameters (its output is cached)")

@@ -8,24 +8,26 @@ import os
 import pickle
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 with warnings.catch_warnings():
-    # torchvision 0.29 uses torch.jit.interface, deprecated in torch 2.14: noise for our users.
+    # torchvision 0.29 (also imported by timm) uses torch.jit.interface, deprecated in
+    # torch 2.14: noise for our users.
     warnings.filterwarnings("ignore", message=".*torch.jit.interface", category=FutureWarning)
+    import timm
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from torchvision.transforms import Normalize
 
 from ._io import atomic_torch_save
 from ._version import __version__
 from .condition import Condition, Lambda
-from .layers.base import ConditionedModule, ConditionedParametrization
+from .layers.base import ConditionedModule, FoldableParametrization
 from .methods import Method, get_method
+from .stats import count_nonzero, masked_density
 from .surgery import fold_conditioned, foreign_modules, summarize
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ class ConditionalModel(nn.Module):
         check_inputs: bool = True,
     ) -> None:
         super().__init__()
-        if any(isinstance(m, (ConditionedModule, ConditionedParametrization))
+        if any(isinstance(m, (ConditionedModule, FoldableParametrization))
                for m in backbone.modules()):
             raise ValueError("this backbone is already conditioned; wrap a plain model")
         self.method = method
@@ -92,7 +94,7 @@ class ConditionalModel(nn.Module):
     def deterministic(self) -> bool:
         """False when the forward draws fresh randomness (e.g. FLOAT with resampled noise)."""
         return all(m.deterministic for m in self.modules()
-                   if isinstance(m, ConditionedParametrization))
+                   if isinstance(m, FoldableParametrization))
 
     @property
     def backbone_name(self) -> str | None:
@@ -106,16 +108,37 @@ class ConditionalModel(nn.Module):
         self.condition.check_batch(x.shape[0])
         return self.normalize(x)
 
+    def _run(self, fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+        """``fn(x)`` at the current λ. For a method with ``lambda_groups`` and a per-sample λ,
+        one call per distinct λ value (each at that scalar λ), concatenated in input order."""
+        if self.condition.is_scalar or not self.method.lambda_groups:
+            return fn(x)
+        self.condition.check_batch(x.shape[0])
+        lam = self.condition.lam
+        values = torch.unique(lam)
+        if values.numel() == 1:
+            with self.condition.scalar(float(values[0])):
+                return fn(x)
+        lam = lam.to(x.device)
+        index, outputs = [], []
+        for value in values.tolist():
+            idx = torch.nonzero(lam == value, as_tuple=True)[0]
+            with self.condition.scalar(value):
+                outputs.append(fn(x[idx]))
+            index.append(idx)
+        inverse = torch.argsort(torch.cat(index))
+        return _cat_groups(outputs, inverse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self._prepare(x))
+        return self._run(self.backbone, self._prepare(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """timm's ``forward_features`` on [0, 1] images, at the current λ."""
-        return self.backbone.forward_features(self._prepare(x))
+        return self._run(self.backbone.forward_features, self._prepare(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """timm's ``forward_head`` on features from :meth:`forward_features`."""
-        return self.backbone.forward_head(x, pre_logits=pre_logits)
+        return self._run(lambda t: self.backbone.forward_head(t, pre_logits=pre_logits), x)
 
     @property
     def num_classes(self) -> int:
@@ -151,10 +174,7 @@ class ConditionalModel(nn.Module):
                 f"method {self.method_name!r} is configured to draw fresh noise every forward "
                 "(resample); its function at a fixed λ is random and cannot be exported"
             )
-        with torch.no_grad():
-            copied = copy.deepcopy(self)
-            copied.set_lambda(lam)
-            backbone = fold_conditioned(copied.backbone)
+        backbone = self._folded_backbone(lam)
         left = foreign_modules(backbone)
         if left:
             raise RuntimeError(f"export left conditioned modules behind: {left[:5]}")
@@ -162,9 +182,17 @@ class ConditionalModel(nn.Module):
             return backbone
         return nn.Sequential(Normalize(*self.normalize_stats), backbone)
 
+    def _folded_backbone(self, lam: float) -> nn.Module:
+        """A copy of the backbone with every conditioned piece folded at scalar ``lam``."""
+        with torch.no_grad():
+            copied = copy.deepcopy(self)
+            copied.set_lambda(lam)
+            return fold_conditioned(copied.backbone)
+
     def summary(self) -> str:
-        """What the method conditioned, and the parameter overhead over the backbone."""
-        plain = self.export(0.0)
+        """What the method conditioned, the parameter overhead over the backbone and, for
+        masked (sparse) models, the non-zero parameter counts."""
+        plain = self._folded_backbone(0.0)  # at λ = 0 also for resampled noise (none drawn)
         n_plain = sum(p.numel() for p in plain.parameters())
         n_total = sum(p.numel() for p in self.parameters())
         lines = [
@@ -174,11 +202,35 @@ class ConditionalModel(nn.Module):
             f"  parameters: {n_total:,} vs {n_plain:,} plain "
             f"(+{n_total - n_plain:,}, {100.0 * (n_total - n_plain) / max(n_plain, 1):+.1f} %)",
         ]
+        kept = masked_density(self)
+        if kept is not None:
+            ours, folded = count_nonzero(self), count_nonzero(plain)
+            lines.append(
+                f"  non-zero parameters: {ours.nonzero:,} of {ours.total:,} "
+                f"({100.0 * ours.density:.1f} %); exported: {folded.nonzero:,} of "
+                f"{folded.total:,} ({100.0 * folded.density:.1f} %); masked weights kept: "
+                f"{100.0 * kept:.1f} %"
+            )
         return "\n".join(lines)
 
     def extra_repr(self) -> str:
         lam = self.lam if self.condition.is_scalar else "per-sample"
         return f"method={self.method_name!r}, lam={lam}"
+
+
+def _cat_groups(outputs: list[Any], inverse: torch.Tensor) -> Any:
+    """Concatenate per-λ-group outputs (tensors, or tuples/lists of tensors) along the batch
+    and put them back in input order."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)[inverse]
+    if isinstance(first, (tuple, list)):
+        groups = zip(*outputs, strict=True)
+        return type(first)(_cat_groups(list(parts), inverse) for parts in groups)
+    raise TypeError(
+        f"cannot regroup a per-sample λ forward that returns {type(first).__name__}; "
+        "use a scalar λ"
+    )
 
 
 def _in_chans(backbone: nn.Module) -> int | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .layers.base import ConditionedModule, ConditionedParametrization
+from .layers.base import ConditionedModule, FoldableParametrization
 
 Predicate = Callable[[str, nn.Module], bool]
 
@@ -82,17 +82,31 @@ def parametrize_weights(
 
 def fold_conditioned(root: nn.Module) -> nn.Module:
     """Fold every conditioned piece of ``root`` in place at the condition's current scalar λ:
-    conditioned modules are replaced by their ``fold()`` and our parametrizations are baked
-    into plain parameters. Returns ``root``."""
+    conditioned modules are replaced by their ``fold()`` and our parametrizations
+    (:class:`~oat_plugins.layers.FoldableParametrization`: weight noise, masks) are baked into
+    plain parameters. Returns ``root``."""
     for name, module in find_modules(root, lambda _, m: isinstance(m, ConditionedModule)):
         set_submodule(root, name, module.fold())
     for module in list(root.modules()):
         if not parametrize.is_parametrized(module):
             continue
         for tensor_name, plist in list(module.parametrizations.items()):
-            if any(isinstance(p, ConditionedParametrization) for p in plist):
+            if any(isinstance(p, FoldableParametrization) for p in plist):
+                _own_parametrized_class(module)
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
     return root
+
+
+def _own_parametrized_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before removing a parametrization.
+
+    torch's generated ``Parametrized<Cls>`` class is shared by ``copy.deepcopy`` replicas,
+    and ``remove_parametrizations`` deletes the tensor's property from that class; folding a
+    copy (as ``export`` does) would otherwise break the original model.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def foreign_modules(root: nn.Module, package: str = "oat_plugins") -> list[str]:

@@ -30,7 +30,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,15 @@ from .samplers import DiscreteLambdaSampler, LambdaSampler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "fit", "make_attack", "default_alpha"]
+__all__ = [
+    "LossForward",
+    "TrainConfig",
+    "config_from_dict",
+    "default_alpha",
+    "fit",
+    "make_attack",
+    "oat_loss",
+]
 
 CHECKPOINT_NAME = "last.pt"
 METRICS_JSONL = "metrics.jsonl"
@@ -123,7 +131,6 @@ class TrainConfig:
     find_unused_parameters: bool = True
     grad_clip: float | None = None
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.lambdas is not None:
@@ -146,8 +153,11 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
         if self.lambdas is not None:
-            # Validates the set (range, λ > 0 present) with the sampler's own checks.
+            # Validates the set (range, share) with the sampler's own checks.
             DiscreteLambdaSampler(self.lambdas, self.clean_fraction)
+            if not any(v > 0 for v in self.lambdas):
+                raise ValueError(f"lambdas needs at least one λ > 0 (λ = 0 alone is plain "
+                                 f"training), got {self.lambdas}")
         for lam in self.eval_lambdas:
             if not 0.0 <= lam <= 1.0:
                 raise ValueError(f"eval_lambdas must be in [0, 1], got {self.eval_lambdas}")
@@ -202,6 +212,21 @@ class _Dist:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Broadcast every buffer (BN running statistics, ...) from rank 0, one flat tensor per
+    dtype and device."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for buffer in model.buffers():
+        groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+    for buffers in groups.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, 0)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def _setup_distributed() -> _Dist:
@@ -284,54 +309,122 @@ def _default_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
 
 
 # -- the loss --------------------------------------------------------------------------------
-def _oat_step(
+def _by_lambda(model: ConditionalModel, fn: Callable[[torch.Tensor], torch.Tensor],
+               inputs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``fn(inputs)`` with each sample at its λ: in one call when the method takes a
+    per-sample λ, else one call per distinct λ value (results put back in batch order)."""
+    if model.condition.per_sample_allowed:
+        model.set_lambda(lam)
+        return fn(inputs)
+    values = torch.unique(lam).tolist()
+    if len(values) == 1:
+        model.set_lambda(values[0])
+        return fn(inputs)
+    result = None
+    for value in values:
+        idx = (lam == value).nonzero().squeeze(1)
+        model.set_lambda(value)
+        out = fn(inputs[idx])
+        if result is None:
+            result = out.new_zeros((inputs.shape[0], *out.shape[1:]))
+        result = result.index_copy(0, idx, out)
+    return result
+
+
+def _attack_by_lambda(model: ConditionalModel, attack: torchattacks.attack.Attack,
+                      x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Adversarial examples with each sample attacked at its λ (grouped by λ value for
+    methods that take one λ per batch)."""
+    if model.condition.per_sample_allowed:
+        model.set_lambda(lam)
+        return attack(x, y).detach()
+    x_adv = torch.empty_like(x)
+    for value in torch.unique(lam).tolist():
+        idx = (lam == value).nonzero().squeeze(1)
+        model.set_lambda(value)
+        x_adv[idx] = attack(x[idx], y[idx]).detach()
+    return x_adv
+
+
+class LossForward(nn.Module):
+    """The training forward of a :class:`~oat_plugins.ConditionalModel`: ``forward(inputs,
+    lam)`` returns ``(logits, terms)``, the logits with each input at its λ (grouped by λ
+    value for methods that take one λ per batch) and the method's optional
+    ``loss_terms(model)`` as a dict of tensors. Distributed training wraps this module, so
+    everything that makes gradients runs inside the DistributedDataParallel forward."""
+
+    def __init__(self, model: ConditionalModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor,
+                lam: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = _by_lambda(self.model, self.model, inputs, lam)
+        hook = getattr(self.model.method, "loss_terms", None)
+        terms = hook(self.model) if callable(hook) else None
+        if terms is None:
+            terms = {}
+        elif isinstance(terms, torch.Tensor):
+            terms = {"extra": terms}
+        return logits, dict(terms)
+
+
+def oat_loss(
     model: ConditionalModel,
-    forward: nn.Module,
-    attack: torchattacks.attack.Attack,
     x: torch.Tensor,
     y: torch.Tensor,
     lam: torch.Tensor,
-    autocast: Callable[[], contextlib.AbstractContextManager],
+    attack: torchattacks.attack.Attack,
+    *,
+    forward: nn.Module | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one batch: per sample (1 − λ)·CE(x) + λ·CE(x_adv) at that sample's λ, summed
-    and divided by the batch size. One forward on [x ; x_adv of the λ > 0 samples]."""
+    """OAT's loss of one batch: ``Σ_i [(1 − λ_i)·CE(f_λi(x_i)) + λ_i·CE(f_λi(x_adv_i))] / N``.
+
+    ``x_adv`` is ``attack`` run on the λ > 0 samples only, at their λ (torchattacks puts the
+    model in eval mode for it); then one forward in the model's current mode on
+    ``[x of the λ < 1 samples ; x_adv]`` with matching per-sample λ (a clean term with weight
+    0 is not computed). Methods that take one λ per batch are run once per distinct λ. A
+    method's optional ``loss_terms(model)`` hook (a tensor or a dict of tensors) is added.
+    ``forward`` is the :class:`LossForward` of ``model``, or a wrapper of it such as
+    DistributedDataParallel (default: a new ``LossForward(model)``). Leaves λ set to the last
+    forward's. Returns the loss and batch statistics.
+    """
+    forward = LossForward(model) if forward is None else forward
+    autocast = contextlib.nullcontext if autocast is None else autocast
+    was_training = model.training
     n = x.shape[0]
     adv = lam > 0
     n_adv = int(adv.sum())
     x_adv = x[:0]
     if n_adv:
-        model.set_lambda(lam[adv])
         with autocast():
             # torchattacks puts the model in eval mode for the attack and restores train mode.
-            x_adv = attack(x[adv], y[adv]).detach()
-        if not model.training:
-            raise RuntimeError("the attack left the model in eval mode")
-    inputs = torch.cat([x, x_adv])
-    targets = torch.cat([y, y[adv]])
-    lam_all = torch.cat([lam, lam[adv]])
-    weights = torch.cat([1.0 - lam, lam[adv]])
-    model.set_lambda(lam_all)
+            x_adv = _attack_by_lambda(model, attack, x[adv], y[adv], lam[adv])
+        if model.training != was_training:
+            raise RuntimeError("the attack changed the model's train/eval mode")
+    # Clean terms of λ = 1 samples have weight 0: left out, so that (e.g. with FLOAT's
+    # sampler) the robust branch's batch statistics see only what the loss uses.
+    clean = lam < 1
+    n_clean = int(clean.sum())
+    inputs = torch.cat([x[clean], x_adv])
+    targets = torch.cat([y[clean], y[adv]])
+    lam_all = torch.cat([lam[clean], lam[adv]])
+    weights = torch.cat([1.0 - lam[clean], lam[adv]])
     with autocast():
-        logits = forward(inputs)
+        logits, terms = forward(inputs, lam_all)
     losses = F.cross_entropy(logits.float(), targets, reduction="none")
     loss = (weights * losses).sum() / n
-    method = model.method
-    hook = getattr(method, "loss_terms", None)
     extra_terms = {}
-    if callable(hook):
-        terms = hook(model)
-        if terms is not None:
-            if isinstance(terms, torch.Tensor):
-                terms = {"extra": terms}
-            for key, value in terms.items():
-                loss = loss + value
-                extra_terms[f"loss_{key}"] = float(value.detach())
+    for key, value in terms.items():
+        loss = loss + value
+        extra_terms[f"loss_{key}"] = float(value.detach())
     with torch.no_grad():
         correct = logits.argmax(1) == targets
         stats = {
-            "steps": 1.0, "n": float(n), "n_adv": float(n_adv),
-            "clean_correct": float(correct[:n].sum()),
-            "adv_correct": float(correct[n:].sum()),
+            "steps": 1.0, "n": float(n), "n_clean": float(n_clean), "n_adv": float(n_adv),
+            "clean_correct": float(correct[:n_clean].sum()),
+            "adv_correct": float(correct[n_clean:].sum()),
             **extra_terms,
         }
     return loss, stats
@@ -479,7 +572,8 @@ def fit(
 
     Returns:
         ``{'history': [per-epoch metrics], 'epoch': epochs done, 'global_step': steps done,
-        'checkpoint': path of last.pt, 'finished': whether all epochs ran}``.
+        'checkpoint': path of last.pt, 'finished': whether all epochs ran}``. The model is
+        left in eval mode at the scalar λ it had before (0 if it had a per-sample λ).
     """
     if not isinstance(model, ConditionalModel):
         raise ValueError(f"fit trains a ConditionalModel (oat_plugins.wrap), got "
@@ -507,9 +601,20 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_data)} samples) is smaller than one "
                          f"batch ({config.batch_size})")
-    if lam_sampler is None:
-        lam_sampler = (DiscreteLambdaSampler(config.lambdas, config.clean_fraction)
-                       if config.lambdas is not None else model.method.default_sampler())
+    if lam_sampler is None and config.lambdas is not None:
+        lam_sampler = DiscreteLambdaSampler(config.lambdas, config.clean_fraction)
+    elif lam_sampler is None:
+        try:
+            lam_sampler = model.method.default_sampler()
+        except NotImplementedError:
+            raise ValueError(
+                f"method {model.method_name!r} declares no default λ sampler; pass "
+                "TrainConfig(lambdas=...) or fit(..., sampler=...)"
+            ) from None
+    n_clean = round(getattr(lam_sampler, "clean_fraction", 0.5) * local_batch)
+    if 0 < n_clean < 2 or local_batch - n_clean < 2:
+        logger.warning("only %d of the %d samples per process are at λ = 0: batch norms see "
+                       "tiny routed sub-batches; use a larger batch", n_clean, local_batch)
     device = _device(d)
     model.to(device)
     final_lam = model.lam if isinstance(model.lam, float) else 0.0
@@ -527,6 +632,7 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
     lam_generator = torch.Generator()
 
     start_epoch, start_step, global_step, history = 0, 0, 0, []
+    resumed_partial: dict[str, Any] = {}
     ckpt_path = out / CHECKPOINT_NAME
     d.barrier()  # rank 0 may have just created out/
     if resume and ckpt_path.is_file():
@@ -542,6 +648,7 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_step = state["epoch"], state["step_in_epoch"]
+        resumed_partial = state.get("epoch_partial") or {}
         global_step = state["global_step"]
         _set_rng_state(state["rng"], lam_generator)
         old = state.get("config", {})
@@ -549,22 +656,31 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
                    if k in old and old[k] != v and k not in ("max_steps", "progress")}
         if changed:
             logger.warning("resuming with a changed config (old, new): %s", changed)
+        if state.get("world_size", 1) != d.world_size and start_step:
+            logger.warning("resuming mid-epoch with %d processes instead of %d: the rest of "
+                           "that epoch's data order differs", d.world_size, state["world_size"])
         history = _read_metrics(out, start_epoch)
         logger.info("resumed from %s at epoch %d, step %d", ckpt_path, start_epoch, global_step)
     elif resume:
         logger.info("no checkpoint at %s; starting from scratch", ckpt_path)
+    elif ckpt_path.is_file() and d.is_main:
+        logger.warning("%s exists and will be overwritten (resume=True / --resume continues "
+                       "from it)", ckpt_path)
     d.barrier()  # nobody writes last.pt before every rank has read it
 
-    net: nn.Module = model
+    net: nn.Module = LossForward(model)
     if d.enabled:
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=config.find_unused_parameters)
+            net, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.find_unused_parameters,
+            broadcast_buffers=False)  # _sync_buffers runs before the attack instead
     atk = attack_factory(model) if attack_factory is not None else make_attack(model, config)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp)
+
+    partial: dict[str, Any] = {}  # sums and seconds of an epoch interrupted by max_steps
 
     def save_checkpoint(epoch: int, step_in_epoch: int) -> None:
         if not d.is_main:
@@ -577,6 +693,7 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
             "scaler": scaler.state_dict() if use_scaler else None,
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
+            "epoch_partial": partial if step_in_epoch else {},
             "global_step": global_step,
             "steps_per_epoch": steps_per_epoch,
             "rng": _rng_state(lam_generator),
@@ -602,6 +719,11 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
         model.train()
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
+        if skip and resumed_partial:
+            if d.is_main:  # the saved sums are already summed over ranks
+                sums = dict(resumed_partial["sums"])
+            t0 -= resumed_partial["seconds"]
+        last_lr = float(opt.param_groups[0]["lr"])
         bar = _progress(steps_per_epoch, skip, config.progress and d.is_main,
                         f"epoch {epoch + 1}/{config.epochs}")
         batches = iter(loader)
@@ -616,7 +738,12 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             lam = lam_sampler(x.shape[0], lam_generator).to(device)
-            loss, stats = _oat_step(model, net, atk, x, y, lam, autocast)
+            if d.enabled:
+                # Every rank attacks (eval mode) and trains with rank 0's running statistics,
+                # so a resumed run, restarted from rank 0's checkpoint, matches exactly.
+                with torch.no_grad():
+                    _sync_buffers(model)
+            loss, stats = oat_loss(model, x, y, lam, atk, forward=net, autocast=autocast)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip is not None:
@@ -624,6 +751,7 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
                 nn.utils.clip_grad_norm_(params, config.grad_clip)
             scaler.step(opt)
             scaler.update()
+            last_lr = float(opt.param_groups[0]["lr"])
             sched.step()
             global_step += 1
             loss_value = float(loss.detach())
@@ -643,18 +771,25 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
             step_in_epoch = steps_per_epoch
         bar.close()
         model.set_lambda(final_lam)
+        if d.enabled:
+            # DDP keeps parameters in sync; buffers (BN running statistics) are broadcast from
+            # rank 0 only at the next forward. Sync them now, so every rank holds the model
+            # that rank 0 checkpoints and evaluates.
+            with torch.no_grad():
+                _sync_buffers(model)
         if stopped and step_in_epoch < steps_per_epoch:
+            partial.update(sums=_reduce_sums(sums, d, device), seconds=time.perf_counter() - t0)
             save_checkpoint(epoch, step_in_epoch)
             d.barrier()
             logger.info("stopped at max_steps=%s (epoch %d, step %d of %d)", config.max_steps,
                         epoch + 1, step_in_epoch, steps_per_epoch)
             break
-        record = _epoch_record(epoch, sums, opt, time.perf_counter() - t0, d, device)
+        record = _epoch_record(epoch, sums, last_lr, time.perf_counter() - t0, d, device)
         if eval_data is not None and d.is_main:
             record.update(_evaluate(model, eval_data, config, local_batch, device, atk))
         save_checkpoint(epoch + 1, 0)
+        history.append(record)  # the same training metrics on every rank (all-reduced)
         if d.is_main:
-            history.append(record)
             _write_metrics(out, history)
             logger.info("epoch %d: %s", epoch + 1, ", ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -667,21 +802,30 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
             "checkpoint": os.fspath(ckpt_path), "finished": epoch_done >= config.epochs}
 
 
-def _epoch_record(epoch: int, sums: dict[str, float], opt: torch.optim.Optimizer,
-                  seconds: float, d: _Dist, device: torch.device) -> dict[str, Any]:
+def _reduce_sums(sums: dict[str, float], d: _Dist, device: torch.device) -> dict[str, float]:
+    """Sum the per-rank epoch sums over all ranks (a collective: every rank calls it)."""
+    if not d.enabled:
+        return dict(sums)
+    gathered: list[list[str] | None] = [None] * d.world_size
+    dist.all_gather_object(gathered, sorted(sums))
+    keys = sorted(set().union(*gathered))
+    totals = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64,
+                          device=device if device.type == "cuda" else None)
+    dist.all_reduce(totals)
+    return dict(zip(keys, totals.tolist(), strict=True))
+
+
+def _epoch_record(epoch: int, sums: dict[str, float], lr: float, seconds: float, d: _Dist,
+                  device: torch.device) -> dict[str, Any]:
+    sums = _reduce_sums(sums, d, device)
     keys = sorted(sums)
-    if d.enabled:
-        totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64,
-                              device=device if device.type == "cuda" else None)
-        dist.all_reduce(totals)
-        sums = dict(zip(keys, totals.tolist(), strict=True))
     n = max(sums.get("n", 0.0), 1.0)
     record: dict[str, Any] = {
         "epoch": epoch + 1,
         "loss": sums.get("loss_sum", 0.0) / n,
-        "clean_acc": sums.get("clean_correct", 0.0) / n,
+        "clean_acc": sums.get("clean_correct", 0.0) / max(sums.get("n_clean", 0.0), 1.0),
         "adv_acc": sums.get("adv_correct", 0.0) / max(sums.get("n_adv", 0.0), 1.0),
-        "lr": float(opt.param_groups[0]["lr"]),
+        "lr": lr,  # used by the epoch's last step
         "seconds": seconds,
     }
     for key in keys:

@@ -52,15 +52,6 @@ N = 20
 TINY = {"n_iter": 10, "n_target_classes": 2, "n_queries": 20}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # other jobs share the 2 cores; tiny models are fastest single-threaded
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def rb():
     """robustbench, imported through the compat layer."""

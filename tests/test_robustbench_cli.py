@@ -30,14 +30,6 @@ TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 SNAPSHOT = REPO.parent / "shared" / "robustbench" / "model_info"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _run(module, argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     module.register(parser.add_subparsers())

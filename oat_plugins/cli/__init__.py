@@ -10,13 +10,14 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS: tuple[str, ...] = (
-    "info",
     "train",
     "eval",
     "export",
     "demo",
+    "gdws",
     "benchmark",
     "leaderboard",
+    "info",
 )
 """Command modules, in the order ``--help`` lists them."""
 

@@ -160,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
     from oat_plugins import data as datasets
     from oat_plugins.train import TrainConfig, fit
 
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        logging.getLogger().setLevel(logging.WARNING)
     if args.eval_samples < 0:
         raise ValueError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     if args.num_workers < 0:

@@ -108,7 +108,8 @@ class TensorImageDataset(Dataset):
 
 
 def _to_float(image: torch.Tensor) -> torch.Tensor:
-    return image.float().div_(255.0)
+    # The same arithmetic as the augmenting transforms' ToDtype, bit for bit.
+    return v2.functional.to_dtype(image, torch.float32, scale=True)
 
 
 def train_transform(size: int = 32, *, padding: int | None = None, flip: bool = True) -> v2.Compose:

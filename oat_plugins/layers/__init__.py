@@ -1,6 +1,6 @@
 """Shared conditioned building blocks: dual norm, FiLM, λ encodings, base classes."""
 
-from .base import ConditionedModule, ConditionedParametrization
+from .base import ConditionedModule, ConditionedParametrization, FoldableParametrization
 from .dual_norm import DualNorm, carries_activation, channel_dim, is_norm, norm_channels
 from .encoding import OrthogonalEncoding, ScalarEncoding, SinusoidalEncoding, build_encoding
 from .film import FiLM
@@ -10,6 +10,7 @@ __all__ = [
     "ConditionedParametrization",
     "DualNorm",
     "FiLM",
+    "FoldableParametrization",
     "OrthogonalEncoding",
     "ScalarEncoding",
     "SinusoidalEncoding",

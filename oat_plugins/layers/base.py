@@ -23,16 +23,21 @@ class ConditionedModule(nn.Module):
         raise NotImplementedError
 
 
-class ConditionedParametrization(nn.Module):
-    """A ``torch.nn.utils.parametrize`` parametrization that reads the shared condition.
+class FoldableParametrization(nn.Module):
+    """A ``torch.nn.utils.parametrize`` parametrization of this package that export bakes
+    into a plain weight (``remove_parametrizations(..., leave_parametrized=True)``).
 
     Registered on a weight, it keeps the module's own class and forward (timm's conv
-    subclasses stay intact). Export folds it with
-    ``parametrize.remove_parametrizations(..., leave_parametrized=True)`` at a scalar λ.
-    ``deterministic`` is False when the parametrization draws fresh randomness per forward.
+    subclasses stay intact). ``deterministic`` is False when the parametrization draws fresh
+    randomness per forward; such a model cannot be exported.
     """
 
     deterministic: bool = True
+
+
+class ConditionedParametrization(FoldableParametrization):
+    """A foldable parametrization that reads the shared condition (e.g. FLOAT's weight
+    noise). Export folds it at a scalar λ."""
 
     def __init__(self, condition: Condition) -> None:
         super().__init__()

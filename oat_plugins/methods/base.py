@@ -28,6 +28,10 @@ class Method:
     Options: ClassVar[type]
     per_sample: ClassVar[bool] = True
     """Whether λ may be a per-sample tensor (one λ per input)."""
+    lambda_groups: ClassVar[bool] = False
+    """Whether a per-sample λ is served by one backbone forward per distinct λ value (for
+    methods whose weights depend on λ, where one batched forward cannot give each sample its
+    own weight). The model then concatenates the groups back in input order."""
 
     def __init__(self, **options: Any) -> None:
         fields = {f.name: f for f in dataclasses.fields(self.Options)}

@@ -1,0 +1,84 @@
+"""FLOAT's conditioned weight: W_eff = W + α·λ·η, as a ``torch.nn.utils.parametrize``
+parametrization (the module keeps its own class and forward, e.g. timm's Conv2dSame)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..condition import Condition
+from .base import ConditionedParametrization
+
+NOISE_MODES = ("fixed", "resample")
+
+
+def seeded_noise(
+    weight: torch.Tensor, seed: int, std: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """η ~ N(0, std²) shaped like ``weight`` (std defaults to std(W)), drawn on the CPU from a
+    generator seeded with ``seed``: reproducible on any device and independent of the global
+    RNG."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    z = torch.randn(weight.shape, generator=generator, dtype=torch.float32)
+    if std is None:
+        std = weight.detach().float().std(correction=0).cpu()
+    return (z * std).to(device=weight.device, dtype=weight.dtype)
+
+
+class WeightNoise(ConditionedParametrization):
+    """W ↦ W + α·λ·η at the condition's scalar λ (λ = 0 returns W itself).
+
+    ``noise='fixed'``: η is drawn once (``seed``) and kept as a persistent buffer, so the
+    forward is deterministic and the weight folds into a plain one at any λ.
+    ``noise='resample'``: η ~ N(0, std(W)²) is redrawn from the global RNG at every forward
+    (the authors' code); the model is then random at λ > 0 (evaluate with EOT attacks) and
+    cannot be exported.
+
+    α is a learnable scalar (``alpha_per_channel=False``) or one value per output channel,
+    initialised at ``alpha_init``.
+
+    The parametrization needs a scalar λ: a weight cannot differ per sample inside one
+    batched forward. :class:`~oat_plugins.ConditionalModel` serves a per-sample λ by running
+    one forward per distinct λ value (``Method.lambda_groups``).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        condition: Condition,
+        *,
+        noise: str = "fixed",
+        alpha_init: float = 0.25,
+        alpha_per_channel: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(condition)
+        if noise not in NOISE_MODES:
+            raise ValueError(f"unknown noise mode {noise!r}; choose one of {list(NOISE_MODES)}")
+        self.mode = noise
+        self.deterministic = noise == "fixed"
+        shape = (weight.shape[0],) + (1,) * (weight.dim() - 1) if alpha_per_channel else ()
+        self.alpha = nn.Parameter(
+            torch.full(shape, float(alpha_init), dtype=weight.dtype, device=weight.device)
+        )
+        noise_buffer = seeded_noise(weight, seed) if noise == "fixed" else None
+        self.register_buffer("noise", noise_buffer, persistent=True)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.condition.is_scalar:
+            raise RuntimeError(
+                "WeightNoise needs one scalar λ per forward (a weight cannot differ per sample "
+                "within a batch); ConditionalModel runs one forward per λ group for this"
+            )
+        lam = self.condition.lam
+        if lam == 0:
+            return weight
+        if self.noise is not None:
+            eta = self.noise
+        else:
+            std = weight.detach().std(correction=0)
+            eta = torch.randn_like(weight) * std
+        return weight + (self.alpha * lam) * eta
+
+    def extra_repr(self) -> str:
+        return f"noise={self.mode!r}, alpha_shape={tuple(self.alpha.shape)}"

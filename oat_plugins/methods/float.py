@@ -1,0 +1,263 @@
+"""``float`` / ``floats``: FLOAT, weight-conditioned once-for-all training with no extra layers
+(Kundu et al., WACV 2023), and FLOATS, FLOAT on a one-shot pruned (sparse) network.
+
+Every conv weight (and, by option, linear weight) becomes W_eff = W + α·λ·η through a
+``torch.nn.utils.parametrize`` parametrization, so each module keeps its own class and forward
+(timm's Conv2dSame, StdConv2d, ...); every norm becomes a dual norm (clean branch at λ = 0,
+robust branch at λ > 0). With ``density`` set, a fixed binary mask M makes the effective weight
+(W + α·λ·η) ⊙ M sparse at every λ. See ``docs/methods/float.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..condition import Condition
+from ..layers import DualNorm, is_norm
+from ..layers.weight_mask import (
+    PRUNE_SCOPES,
+    WeightMask,
+    apply_mask,
+    check_density,
+    masks_from_scores,
+    weight_masks,
+)
+from ..layers.weight_noise import NOISE_MODES, WeightNoise
+from ..samplers import ExtremesLambdaSampler, LambdaSampler
+from ..surgery import NothingToConditionError, Replacement, replace_modules
+from .base import Method, register_method
+
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""Convolutions whose weight is conditioned (timm subclasses such as Conv2dSame, StdConv2d
+included; container convs such as CondConv2d are not)."""
+
+PRUNE_CRITERIA = ("magnitude", "snip")
+
+
+@dataclass
+class FloatOptions:
+    """Options of the ``float`` method (``floats`` has the same ones, with ``density=0.5``).
+
+    noise: ``'fixed'`` (η drawn once from ``seed`` and saved: deterministic, exportable) or
+        ``'resample'`` (η redrawn every forward as in the authors' code: a random model at
+        λ > 0 that needs EOT attacks to evaluate and cannot be exported).
+    alpha_init: initial value of the learnable noise scale α.
+    alpha_per_channel: one α per output channel instead of one per layer.
+    linear: also condition ``nn.Linear`` weights. None (auto): only when linear layers (the
+        head excluded) hold more weights than convolutions, e.g. ViTs or ConvNeXt's MLPs.
+    include_head: also condition (and, with ``density``, prune) the classifier head
+        (``backbone.get_classifier()``).
+    dual_norm: every norm becomes a :class:`~oat_plugins.layers.DualNorm` (FLOAT's dual BN).
+    density: FLOATS: fraction of the conditioned weights kept by a fixed one-shot mask
+        (None: dense FLOAT).
+    prune: mask criterion: ``'magnitude'`` (|W| at wrap time) or ``'snip'`` (|∂L/∂W ⊙ W| on a
+        batch; the masks stay pending until :func:`snip_prune` is called with data).
+    prune_scope: ``'layer'`` (each layer kept at ``density``) or ``'global'`` (one threshold).
+    seed: seed of the fixed noise (layer i uses a generator seeded from (seed, i)).
+    """
+
+    noise: str = "fixed"
+    alpha_init: float = 0.25
+    alpha_per_channel: bool = False
+    linear: bool | None = None
+    include_head: bool = False
+    dual_norm: bool = True
+    density: float | None = None
+    prune: str = "magnitude"
+    prune_scope: str = "layer"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.noise not in NOISE_MODES:
+            raise ValueError(f"unknown noise mode {self.noise!r}; choose one of "
+                             f"{list(NOISE_MODES)}")
+        if self.density is not None:
+            check_density(self.density)
+            self.density = float(self.density)
+        if self.prune not in PRUNE_CRITERIA:
+            raise ValueError(f"unknown prune criterion {self.prune!r}; choose one of "
+                             f"{list(PRUNE_CRITERIA)}")
+        if self.prune_scope not in PRUNE_SCOPES:
+            raise ValueError(f"unknown prune_scope {self.prune_scope!r}; choose one of "
+                             f"{list(PRUNE_SCOPES)}")
+        self.alpha_init = float(self.alpha_init)
+        self.seed = int(self.seed)
+
+
+@dataclass
+class FloatsOptions(FloatOptions):
+    """Options of ``floats``: those of ``float`` with a required ``density`` (default 0.5)."""
+
+    density: float | None = 0.5
+
+    def __post_init__(self) -> None:
+        if self.density is None:
+            raise ValueError("method 'floats' needs a density in (0, 1]; use method 'float' "
+                             "for a dense model")
+        super().__post_init__()
+
+
+def _layer_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index) % (2**63 - 1)
+
+
+def _head_modules(backbone: nn.Module) -> set[int]:
+    get = getattr(backbone, "get_classifier", None)
+    if not callable(get):
+        return set()
+    head = get()
+    heads = head if isinstance(head, (tuple, list)) else (head,)
+    return {id(m) for h in heads if isinstance(h, nn.Module) for m in h.modules()}
+
+
+def _has_weight(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+@register_method
+class Float(Method):
+    """FLOAT: W_eff = W + α·λ·η on every conv (optionally linear) weight, dual norms; FLOATS
+    with ``density``. No layer is added: the overhead is one α per layer (or per output
+    channel) and the second copy of each norm.
+
+    A per-sample λ is served by one backbone forward per distinct λ value
+    (``lambda_groups``): a weight cannot differ per sample inside one batched convolution.
+    """
+
+    name = "float"
+    Options = FloatOptions
+    lambda_groups = True
+
+    def apply(
+        self, backbone: nn.Module, condition: Condition, extras: nn.ModuleDict
+    ) -> list[Replacement]:
+        opts = self.options
+        heads = _head_modules(backbone)
+        convs, linears, head = [], [], []
+        for name, module in backbone.named_modules():
+            if not _has_weight(module) or parametrize.is_parametrized(module, "weight"):
+                continue
+            if not isinstance(module, (*CONV_TYPES, nn.Linear)):
+                continue
+            if id(module) in heads:
+                head.append((name, module))
+            elif isinstance(module, nn.Linear):
+                linears.append((name, module))
+            else:
+                convs.append((name, module))
+        use_linear = opts.linear
+        if use_linear is None:
+            conv_weights = sum(m.weight.numel() for _, m in convs)
+            use_linear = sum(m.weight.numel() for _, m in linears) > conv_weights
+        sites = convs + (linears if use_linear else []) + (head if opts.include_head else [])
+        if not sites:
+            raise NothingToConditionError(
+                f"method {self.name!r} found no weight to condition in "
+                f"{type(backbone).__name__}: it needs nn.Conv1d/2d/3d layers (or nn.Linear "
+                "with linear=True, or the head with include_head=True)"
+            )
+
+        masks: list[WeightMask | None] = [None] * len(sites)
+        if opts.density is not None:
+            if opts.prune == "magnitude":
+                chosen = masks_from_scores([m.weight.detach().abs() for _, m in sites],
+                                           opts.density, opts.prune_scope)
+                masks = [WeightMask(c.shape, c) for c in chosen]
+            else:
+                masks = [WeightMask(m.weight.shape, device=m.weight.device) for _, m in sites]
+
+        done = []
+        change = "W + α·λ·η" + (" then ⊙ mask" if opts.density is not None else "")
+        for index, ((name, module), mask) in enumerate(zip(sites, masks, strict=True)):
+            original_type = type(module).__name__
+            noise = WeightNoise(
+                module.weight, condition, noise=opts.noise, alpha_init=opts.alpha_init,
+                alpha_per_channel=opts.alpha_per_channel, seed=_layer_seed(opts.seed, index),
+            )
+            parametrize.register_parametrization(module, "weight", noise)
+            if mask is not None:
+                apply_mask(module, mask)
+            done.append(Replacement(f"{name}.weight", original_type, change))
+
+        if opts.dual_norm:
+            done += replace_modules(backbone, lambda _, m: is_norm(m),
+                                    lambda _, m: DualNorm(m, condition), "DualNorm")
+        return done
+
+    def default_sampler(self) -> LambdaSampler:
+        """FLOAT's two extremes: half of each batch at λ = 0, half at λ = 1."""
+        return ExtremesLambdaSampler()
+
+
+@register_method
+class Floats(Float):
+    """FLOATS: FLOAT on a network pruned once, before training, to ``density`` (default 0.5)."""
+
+    name = "floats"
+    Options = FloatsOptions
+
+
+def snip_prune(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    density: float | None = None,
+    scope: str | None = None,
+) -> None:
+    """Choose FLOATS masks by SNIP saliency |∂L/∂W ⊙ W| on one batch, in place.
+
+    ``model`` is a :class:`~oat_plugins.ConditionalModel` wrapped with a density (``floats``,
+    or ``float`` with ``density=``); ``x`` are images in [0, 1], ``y`` class indices, L the
+    cross-entropy at λ = 0 (clean weights, clean norms) in the model's current train/eval
+    mode. Buffers (e.g. BatchNorm running statistics) are restored afterwards. ``density`` and
+    ``scope`` default to the model's options. Masked weights are zeroed and the option
+    ``prune`` becomes ``'snip'``. Call it once, before training (non-iterative pruning).
+    """
+    found = weight_masks(model)
+    options = getattr(getattr(model, "method", None), "options", None)
+    if not found or not isinstance(options, FloatOptions) or options.density is None:
+        raise ValueError("snip_prune needs a model wrapped with method 'floats' (or 'float' "
+                         "with density=...)")
+    density = options.density if density is None else density
+    scope = options.prune_scope if scope is None else scope
+    check_density(density)
+    if scope not in PRUNE_SCOPES:
+        raise ValueError(f"unknown prune scope {scope!r}; choose one of {list(PRUNE_SCOPES)}")
+
+    originals = [mod.parametrizations[name].original for mod, name, _ in found]
+    saved_masks = [(mask.mask.clone(), mask.pending) for _, _, mask in found]
+    saved_buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    saved_lam = model.lam
+    try:
+        for _, _, mask in found:  # score every weight: masks open while measuring
+            mask.set_mask(torch.ones_like(mask.mask))
+        model.set_lambda(0.0)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x), y)
+            grads = torch.autograd.grad(loss, originals)
+    except BaseException:
+        for (_, _, mask), (m, pending) in zip(found, saved_masks, strict=True):
+            mask.set_mask(m)
+            mask.pending = pending
+        raise
+    finally:
+        model.set_lambda(saved_lam)
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                if k in saved_buffers and v is not None:
+                    v.copy_(saved_buffers[k])
+    scores = [(g * w).abs() for g, w in zip(grads, originals, strict=True)]
+    with torch.no_grad():
+        for (_, _, mask), chosen, original in zip(found, masks_from_scores(scores, density, scope),
+                                                  originals, strict=True):
+            mask.set_mask(chosen)
+            original.mul_(chosen.to(original.dtype))
+    options.prune = "snip"
+    options.density = float(density)
+    options.prune_scope = scope

@@ -1,0 +1,439 @@
+"""FLOAT (`float`) and FLOATS (`floats`): weight-conditioned once-for-all models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import StdConv2d
+from torch import nn
+from torch.nn.utils import parametrize
+
+import oat_plugins
+from oat_plugins.layers import DualNorm
+from oat_plugins.layers.weight_mask import WeightMask, masks_from_scores, weight_masks
+from oat_plugins.layers.weight_noise import WeightNoise
+from oat_plugins.methods.float import snip_prune
+from oat_plugins.samplers import ExtremesLambdaSampler
+from oat_plugins.stats import count_nonzero, masked_density
+from oat_plugins.surgery import foreign_modules
+
+X = (2, 3, 32, 32)
+SMALL = "test_byobnet"
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def noises(model: nn.Module) -> list[WeightNoise]:
+    return [m for m in model.modules() if isinstance(m, WeightNoise)]
+
+
+def conditioned(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]
+
+
+def small(method: str = "float", **options) -> tuple[nn.Module, oat_plugins.ConditionalModel]:
+    """A random-init timm ``test_byobnet`` (a small ResNet-like net with shortcut convs and SE
+    convs, 10 classes), a plain copy of it, and the wrapped model."""
+    backbone = timm.create_model(SMALL, num_classes=10)
+    plain = copy.deepcopy(backbone)
+    return plain, oat_plugins.wrap(backbone, method, normalize=None, **options)
+
+
+def masked_effective(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(effective weight, underlying parameter, mask) for every masked weight."""
+    return [(getattr(mod, name), mod.parametrizations[name].original, mask.mask)
+            for mod, name, mask in weight_masks(model)]
+
+
+# -- registration and options --------------------------------------------------------------
+def test_registered_with_extremes_sampler():
+    assert {"float", "floats"} <= set(oat_plugins.available_methods())
+    for name in ("float", "floats"):
+        sampler = oat_plugins.get_method(name)().default_sampler()
+        assert isinstance(sampler, ExtremesLambdaSampler)
+        lam = sampler(8, torch.Generator().manual_seed(0))
+        assert sorted(lam.tolist()) == [0.0] * 4 + [1.0] * 4
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "match"),
+    [
+        ("float", {"density": 0.0}, "density"),
+        ("float", {"density": 1.5}, "density"),
+        ("float", {"density": -0.1}, "density"),
+        ("float", {"density": True}, "density"),
+        ("floats", {"density": None}, "density"),
+        ("float", {"noise": "gaussian"}, "noise mode"),
+        ("float", {"prune": "random"}, "prune criterion"),
+        ("float", {"prune_scope": "network"}, "prune_scope"),
+        ("float", {"alpha": 0.1}, "unknown option"),
+    ],
+)
+def test_bad_options_raise(method, options, match):
+    with pytest.raises(ValueError, match=match):
+        oat_plugins.wrap(timm.create_model("regnetx_002", num_classes=10), method, **options)
+
+
+def test_nothing_to_condition():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    with pytest.raises(oat_plugins.NothingToConditionError, match="no weight"):
+        oat_plugins.wrap(mlp, "float", normalize=None, linear=False)
+
+
+# -- λ = 0, noise, determinism ---------------------------------------------------------------
+def test_lambda0_is_the_backbone_with_clean_norm_and_no_noise():
+    plain, model = small()
+    plain.eval(), model.eval()
+    x = torch.rand(X)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+        model.set_lambda(torch.zeros(2))  # per-sample zeros: same thing
+        assert torch.equal(model(x), plain(x))
+        model.set_lambda(1.0)
+        assert (model(x) - plain(x)).abs().max() > 1e-3  # the noise does something
+
+
+def test_effective_weight_is_w_plus_alpha_lambda_eta():
+    _, model = small()
+    conv = model.backbone.stages[1][0].conv2_kxk.conv
+    noise = conv.parametrizations.weight[0]
+    w = conv.parametrizations.weight.original
+    for lam in (0.0, 0.3, 1.0):
+        model.set_lambda(lam)
+        torch.testing.assert_close(conv.weight, w + 0.25 * lam * noise.noise, rtol=0, atol=0)
+    assert noise.alpha.shape == () and float(noise.alpha.detach()) == 0.25
+    # η ~ N(0, std(W)²): the scale follows the layer's weights
+    ratio = float(noise.noise.std() / w.detach().std())
+    assert 0.9 < ratio < 1.1
+
+
+def test_fixed_noise_is_deterministic_seeded_and_independent_of_global_rng():
+    backbone = timm.create_model(SMALL, num_classes=10)
+    copies = [copy.deepcopy(backbone) for _ in range(3)]
+    torch.manual_seed(1)
+    a = oat_plugins.wrap(copies[0], "float", seed=7)
+    torch.manual_seed(2)
+    b = oat_plugins.wrap(copies[1], "float", seed=7)
+    c = oat_plugins.wrap(copies[2], "float", seed=8)
+    for na, nb, nc in zip(noises(a), noises(b), noises(c), strict=True):
+        assert torch.equal(na.noise, nb.noise)
+        assert not torch.equal(na.noise, nc.noise)
+    layers = noises(a)
+    assert not torch.equal(layers[1].noise.flatten()[:100], layers[2].noise.flatten()[:100])
+    assert a.deterministic
+    a.eval().set_lambda(0.7)
+    x = torch.rand(X)
+    with torch.no_grad():
+        assert torch.equal(a(x), a(x))
+    assert all(k in a.state_dict() for k in
+               ("backbone.stem.conv.parametrizations.weight.0.noise",
+                "backbone.stem.conv.parametrizations.weight.0.alpha"))
+
+
+def test_resample_draws_fresh_noise_and_refuses_export():
+    _, model = small(noise="resample")
+    assert not model.deterministic
+    assert all(n.noise is None for n in noises(model))
+    model.eval()
+    x = torch.rand(X)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # λ = 0: no noise drawn
+        model.set_lambda(1.0)
+        assert not torch.equal(model(x), model(x))
+    with pytest.raises(ValueError, match="resample"):
+        model.export(0.5)
+    assert "parameters" in model.summary()
+
+
+def test_alpha_learnable_scalar_or_per_channel():
+    _, model = small(alpha_per_channel=True)
+    conv = model.backbone.stem.conv
+    alpha = conv.parametrizations.weight[0].alpha
+    assert alpha.shape == (conv.out_channels, 1, 1, 1) and alpha.requires_grad
+    model.train().set_lambda(torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    F.cross_entropy(model(torch.rand(4, 3, 32, 32)), torch.tensor([1, 2, 3, 4])).backward()
+    assert alpha.grad is not None and alpha.grad.abs().sum() > 0
+
+
+# -- per-sample λ ---------------------------------------------------------------------------
+def test_mixed_lambda_batch_equals_per_lambda_forwards_eval():
+    _, model = small()
+    model.eval()
+    x = torch.rand(5, 3, 32, 32)
+    lam = torch.tensor([0.0, 1.0, 0.3, 1.0, 0.0])
+    with torch.no_grad():
+        mixed = model.set_lambda(lam)(x)
+        for i, value in enumerate(lam.tolist()):
+            one = model.set_lambda(value)(x[i:i + 1])
+            torch.testing.assert_close(mixed[i:i + 1], one, rtol=0, atol=1e-5)
+        # forward_features / forward_head regroup too
+        model.set_lambda(lam)
+        feats = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(feats), mixed, rtol=0, atol=1e-5)
+    assert torch.equal(model.lam, lam)  # the per-sample λ is restored
+
+
+def test_mixed_extremes_batch_in_train_mode_matches_split_forwards():
+    """With FLOAT's sampler (λ ∈ {0, 1}) one per-sample forward in train mode equals the two
+    group forwards: same outputs, same gradients, same BatchNorm running statistics."""
+    _, model = small()
+    split = copy.deepcopy(model)
+    model.train(), split.train()
+    x, y = torch.rand(6, 3, 32, 32), torch.randint(10, (6,))
+    lam = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    out = model.set_lambda(lam)(x)
+    clean, adv = (lam == 0).nonzero()[:, 0], (lam == 1).nonzero()[:, 0]
+    out_split = torch.empty_like(out)
+    out_split[clean] = split.set_lambda(0.0)(x[clean])
+    out_split[adv] = split.set_lambda(1.0)(x[adv])
+    torch.testing.assert_close(out, out_split, rtol=0, atol=1e-5)
+    F.cross_entropy(out, y).backward()
+    F.cross_entropy(out_split, y).backward()
+    for (name, p), q in zip(model.named_parameters(), split.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, b), c in zip(model.named_buffers(), split.buffers(), strict=True):
+        torch.testing.assert_close(b, c, rtol=0, atol=1e-6, msg=name)
+
+
+# -- export and parameter overhead ------------------------------------------------------------
+@pytest.mark.parametrize("method", ["float", "floats"])
+def test_export_equals_model_at_several_lambdas(method):
+    plain, model = small(method)
+    model.eval()
+    x = torch.rand(X)
+    reference = {}
+    for lam in (0.0, 0.3, 0.65, 1.0):
+        with torch.no_grad():
+            reference[lam] = model.set_lambda(lam)(x)
+        exported = model.export(lam).eval()
+        assert foreign_modules(exported) == []
+        assert not any(parametrize.is_parametrized(m) for m in exported.modules())
+        assert n_params(exported) == n_params(plain)
+        assert type(exported) is type(plain)
+        with torch.no_grad():
+            assert (exported(x) - reference[lam]).abs().max() <= 1e-4
+    # exporting leaves the conditioned model intact
+    with torch.no_grad():
+        for lam, ref in reference.items():
+            assert torch.equal(model.set_lambda(lam)(x), ref)
+
+
+def test_export_with_normalisation_from_timm_name():
+    model = oat_plugins.wrap("regnetx_002", "float", model_kwargs={"num_classes": 10}).eval()
+    x = torch.rand(X)
+    with torch.no_grad():
+        y = model.set_lambda(0.8)(x)
+        assert (model.export(0.8).eval()(x) - y).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_parameter_overhead_is_alphas_plus_second_norm(per_channel):
+    plain, model = small(alpha_per_channel=per_channel)
+    convs = [m for m in plain.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in plain.modules() if isinstance(m, nn.BatchNorm2d)]
+    n_alpha = sum(c.out_channels for c in convs) if per_channel else len(convs)
+    n_norm = sum(n_params(n) for n in norms)
+    assert n_params(model) - n_params(plain) == n_alpha + n_norm
+    assert len(conditioned(model)) == len(convs)  # every conv, the first one included
+    assert sum(isinstance(m, DualNorm) for m in model.modules()) == len(norms)
+    assert not parametrize.is_parametrized(model.backbone.head.fc)  # head stays plain
+
+
+def test_linear_layers_auto_and_head_option():
+    vit = oat_plugins.wrap("vit_tiny_patch16_224", "float",
+                           model_kwargs={"num_classes": 10, "img_size": 32})
+    n_linear = sum(isinstance(m, nn.Linear) for m in vit.backbone.modules())
+    assert len(conditioned(vit)) == 1 + n_linear - 1  # patch conv + all linears but the head
+    assert not parametrize.is_parametrized(vit.backbone.head)
+    _, model = small(linear=True, include_head=True)
+    assert parametrize.is_parametrized(model.backbone.head.fc)
+    _, model = small()
+    assert not any(isinstance(m, nn.Linear) for m in conditioned(model))
+
+
+def test_timm_std_conv_keeps_its_own_forward():
+    """StdConv2d standardises its weight in forward: W_eff must be standardised too."""
+    net = nn.Sequential(StdConv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    plain = copy.deepcopy(net).eval()
+    model = oat_plugins.wrap(net, "float", normalize=None).eval()
+    conv = model.backbone[0]
+    assert isinstance(conv, StdConv2d)
+    x = torch.rand(X)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+        model.set_lambda(0.5)
+        w = conv.weight
+        w_std = F.batch_norm(w.reshape(1, 8, -1), None, None, training=True, momentum=0.0,
+                             eps=conv.eps).reshape_as(w)
+        expect = F.conv2d(x, w_std, padding=conv.padding)
+        torch.testing.assert_close(conv(x), expect, rtol=0, atol=1e-5)
+        assert (model.export(0.5).eval()(x) - model(x)).abs().max() <= 1e-4
+
+
+def test_save_load_round_trip(tmp_path):
+    model = oat_plugins.wrap(SMALL, "floats", model_kwargs={"num_classes": 10},
+                             density=0.3, seed=3).eval()
+    x = torch.rand(X)
+    with torch.no_grad():
+        y = model.set_lambda(0.6)(x)
+    oat_plugins.save(model, tmp_path / "m.pt")
+    loaded = oat_plugins.load(tmp_path / "m.pt").eval()
+    assert loaded.method_name == "floats" and loaded.lam == 0.6
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+    for a, b in zip(weight_masks(model), weight_masks(loaded), strict=True):
+        assert torch.equal(a[2].mask, b[2].mask)
+
+
+# -- FLOATS ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("density", [0.5, 0.2])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_floats_density_within_one_percent(density, scope):
+    _, model = small("floats", density=density, prune_scope=scope)
+    kept = masked_density(model)
+    assert abs(kept - density) <= 0.01
+    masked = masked_effective(model)
+    assert len(masked) == len(conditioned(model))
+    n_masked = sum(m.numel() for _, _, m in masked)
+    model.set_lambda(1.0)  # the noise is masked too: sparse at every λ
+    zeros = sum(int((w == 0).sum()) for w, _, _ in masked_effective(model))
+    assert abs(zeros / n_masked - (1 - density)) <= 0.01
+    if scope == "layer":
+        for _, _, mask in masked:
+            assert abs(float(mask.float().mean()) - density) <= 0.01
+    # reported non-zeros, conditioned and exported
+    exported = model.export(1.0)
+    nz_model, nz_export = count_nonzero(model), count_nonzero(exported)
+    assert nz_export.total == n_params(exported) and nz_model.total == n_params(model)
+    exported_weights = sum(int((m.weight != 0).sum()) for m in exported.modules()
+                           if isinstance(m, nn.Conv2d))
+    assert exported_weights == n_masked - zeros
+    for count in (nz_model, nz_export):  # dense rest: biases, norms, head, α
+        assert n_masked - zeros <= count.nonzero <= n_masked - zeros + count.total - n_masked
+    assert "non-zero parameters" in model.summary()
+
+
+def test_magnitude_masks_keep_the_largest_weights():
+    plain, model = small("floats", density=0.2)
+    w = plain.stages[1][0].conv2_kxk.conv.weight.abs()
+    mask = model.backbone.stages[1][0].conv2_kxk.conv.parametrizations.weight[1].mask
+    assert w[mask].min() >= w[~mask].max()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_floats_zeros_survive_weight_decay_and_momentum(optimizer):
+    _, model = small("floats", density=0.3)
+    model.train()
+    before = [w.detach().clone() for _, w, _ in masked_effective(model)]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    for step in range(4):
+        model.set_lambda(ExtremesLambdaSampler()(4, torch.Generator().manual_seed(step)))
+        loss = F.cross_entropy(model(torch.rand(4, 3, 32, 32)), torch.randint(10, (4,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.set_lambda(1.0)
+    for (w, original, mask), old in zip(masked_effective(model), before, strict=True):
+        assert torch.all(w[~mask] == 0) and torch.all(original[~mask] == 0)
+        assert not torch.equal(original[mask], old[mask])  # the kept weights did train
+    assert abs(masked_density(model) - 0.3) <= 0.01
+
+
+def test_masks_from_scores_exact_counts():
+    scores = [torch.rand(10, 10), torch.rand(7), torch.rand(3, 3)]
+    for scope in ("layer", "global"):
+        masks = masks_from_scores(scores, 0.25, scope)
+        assert [m.shape for m in masks] == [s.shape for s in scores]
+        if scope == "layer":
+            assert [int(m.sum()) for m in masks] == [25, 2, 2]
+        else:
+            assert sum(int(m.sum()) for m in masks) == round(0.25 * 116)
+            flat = torch.cat([s.flatten() for s in scores])
+            keep = torch.cat([m.flatten() for m in masks])
+            assert flat[keep].min() >= flat[~keep].max()
+
+
+def test_snip_masks_need_data_then_follow_saliency(tmp_path):
+    plain, model = small("floats", density=0.2, prune="snip")
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(10, (4,))
+    with pytest.raises(RuntimeError, match="snip_prune"):
+        model(x)
+    with pytest.raises(RuntimeError, match="snip_prune"):
+        model.export(0.0)
+    # the reference saliency |dL/dW * W| of the plain backbone (train mode, as the model)
+    plain.train()
+    F.cross_entropy(plain(x), y).backward()
+    ref = plain.stages[2][0].conv1_kxk.conv
+    saliency = (ref.weight.grad * ref.weight).abs().detach()
+
+    model.train().set_lambda(0.4)
+    stats = model.backbone.stem.bn.clean.running_mean.clone()
+    snip_prune(model, x, y)
+    assert model.lam == 0.4 and torch.equal(model.backbone.stem.bn.clean.running_mean, stats)
+    assert abs(masked_density(model) - 0.2) <= 0.01
+    assert all(not m.pending for _, _, m in weight_masks(model))
+    conv = model.backbone.stages[2][0].conv1_kxk.conv
+    mask = conv.parametrizations.weight[1].mask
+    k = int(mask.sum())
+    assert k == round(0.2 * mask.numel())
+    assert saliency[mask].min() >= saliency[~mask].max()
+    assert not torch.equal(mask, masks_from_scores([ref.weight.detach().abs()], 0.2)[0])
+    assert torch.all(conv.parametrizations.weight.original[~mask] == 0)
+    assert model.method.options.prune == "snip"
+    oat_plugins.save(model, tmp_path / "snip.pt")  # rebuilt with pending masks, then loaded
+    loaded = oat_plugins.load(tmp_path / "snip.pt", backbone=timm.create_model(
+        SMALL, num_classes=10)).eval()
+    assert loaded.method.options.prune == "snip"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_weight_mask_is_generic():
+    lin = nn.Linear(4, 3)
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    parametrize.register_parametrization(lin, "weight", WeightMask(lin.weight.shape, mask))
+    assert torch.all(lin.weight[~mask] == 0)
+    assert torch.equal(lin.weight[mask], lin.parametrizations.weight.original[mask])
+    assert count_nonzero(lin).nonzero == int(mask.sum()) + 3
+
+
+# -- families -------------------------------------------------------------------------------
+FAMILIES = ["resnet18", "resnet50", "efficientnet_b0", "tf_efficientnet_b0",
+            "mobilenetv3_small_100", "regnetx_002", "densenet121", "convnext_atto",
+            "vit_tiny_patch16_224"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_families(name):
+    kwargs = {"num_classes": 10} | ({"img_size": 32} if name.startswith("vit") else {})
+    backbone = timm.create_model(name, **kwargs).eval()
+    n_plain = n_params(backbone)
+    conv_types = {type(m) for m in backbone.modules() if isinstance(m, nn.Conv2d)}
+    x = torch.rand(X)
+    with torch.no_grad():
+        reference = backbone(x)
+    model = oat_plugins.wrap(backbone, "float", normalize=None).eval()
+    # timm's conv subclasses keep their class (and so their forward)
+    assert conv_types <= {type(m).__bases__[0] for m in conditioned(model)}
+    with torch.no_grad():
+        mixed = model.set_lambda(torch.tensor([1.0, 0.0]))(x)
+        torch.testing.assert_close(mixed[1:], reference[1:], rtol=0, atol=1e-5)  # λ=0: backbone
+        # λ = 1: noise and robust norm change the output (random-init EfficientNets give
+        # logits of order 1e-5, hence relative tolerances)
+        scale = float(mixed[:1].abs().max())
+        assert (mixed[:1] - reference[:1]).abs().max() > 1e-3 * scale
+        exported = model.export(1.0).eval()
+        diff = (exported(x[:1]) - mixed[:1]).abs().max()
+        assert diff <= 1e-4 and diff <= 1e-3 * scale
+    assert n_params(exported) == n_plain and foreign_modules(exported) == []
+    assert {type(m) for m in exported.modules() if isinstance(m, nn.Conv2d)} == conv_types

@@ -1,0 +1,424 @@
+"""Training loop (oat_plugins.train), resume, DDP and the ``train`` CLI command."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchattacks
+from timm.models.resnet import BasicBlock, ResNet
+from torch import nn
+
+import oat_plugins
+from oat_plugins.cli import main as cli_main
+from oat_plugins.methods.film import Film
+from oat_plugins.samplers import DiscreteLambdaSampler
+from oat_plugins.train import TrainConfig, default_alpha, fit, make_attack, oat_loss
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, os.fspath(HERE))
+from train_helpers import (  # noqa: E402
+    BATCH,
+    N_TRAIN,
+    TINY_KWARGS,
+    tiny_config,
+    tiny_data,
+    tiny_model,
+)
+
+STEPS_PER_EPOCH = N_TRAIN // BATCH
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_fit_trains_film_and_writes_checkpoint_and_metrics(tmp_path):
+    model = tiny_model()
+    before = _state(model)
+    result = fit(model, tiny_data(), tiny_config(epochs=2), tmp_path,
+                 eval_data=tiny_data(16, "test"))
+    assert result["finished"] and result["epoch"] == 2
+    assert result["global_step"] == 2 * STEPS_PER_EPOCH
+    changed = [k for k, v in model.state_dict().items()
+               if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert any(".clean." in k for k in changed) and any(".robust." in k for k in changed)
+    assert any(".post." in k for k in changed), "FiLM generators were not trained"
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert torch.isfinite(torch.tensor(r["loss"]))
+        assert 0.0 <= r["clean_acc"] <= 1.0 and 0.0 <= r["adv_acc"] <= 1.0
+        assert {"eval_clean_acc@0", "eval_adv_acc@1", "lr", "seconds"} <= r.keys()
+    # Cosine per step: the last step of epoch 2 (of 2) runs at lr·(1 + cos(π·5/6))/2.
+    assert records[-1]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert records[0]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 2 / 6)))
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,loss") and len(csv_lines) == 3
+
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 2 * STEPS_PER_EPOCH
+    assert {"optimizer", "scheduler", "rng", "config"} <= ckpt.keys()
+    loaded = oat_plugins.load(tmp_path / "last.pt").eval()  # a named timm backbone
+    x = torch.rand(4, 3, 32, 32)
+    model.eval()
+    for lam in (0.0, 0.3, 1.0):
+        model.set_lambda(lam)
+        loaded.set_lambda(lam)
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_fit_reduces_the_loss_on_a_fixed_batch(tmp_path):
+    model = tiny_model()
+    config = tiny_config(epochs=8, lr=0.05, schedule="constant")
+    result = fit(model, tiny_data(BATCH), config, tmp_path)
+    losses = [r["loss"] for r in result["history"]]
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+class _RecordingFGSM(torchattacks.FGSM):
+    """FGSM that records what the model looked like while it was attacked."""
+
+    def __init__(self, model, eps):
+        super().__init__(model, eps=eps)
+        self.calls = []
+
+    def forward(self, images, labels):
+        lam = self.model.lam
+        self.calls.append((images.shape[0], self.model.training,
+                           lam.clone() if isinstance(lam, torch.Tensor) else lam))
+        return super().forward(images, labels)
+
+
+class ScalarFilm(Film):
+    """``film`` restricted to one λ per batch, like a method without per-sample λ (not
+    registered: built directly)."""
+
+    per_sample = False
+
+
+def _groupnorm_model(per_sample: bool = True) -> oat_plugins.ConditionalModel:
+    """Per-sample independent norms, so a batch equals its samples one by one."""
+    torch.manual_seed(0)
+    backbone = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, channels=(8, 16, 32, 64),
+                      stem_width=8, norm_layer=lambda c: nn.GroupNorm(4, c))
+    if per_sample:
+        return oat_plugins.wrap(backbone, "film", normalize=None)
+    return oat_plugins.ConditionalModel(backbone, ScalarFilm(), normalize=None)
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_oat_loss_is_the_per_sample_formula(per_sample):
+    model = _groupnorm_model(per_sample).train()
+    x, y = torch.rand(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    lam = torch.tensor([0.0, 0.1, 1.0, 0.0, 0.4, 0.2])
+    attack = _RecordingFGSM(model, eps=8 / 255)
+    loss, stats = oat_loss(model, x, y, lam, attack)
+
+    # The attack saw only the λ > 0 samples, at their λ, in eval mode; train mode is back.
+    assert all(not training for _, training, _ in attack.calls)
+    if per_sample:
+        assert len(attack.calls) == 1
+        n_attacked, _, lam_during_attack = attack.calls[0]
+        assert n_attacked == 4 and torch.equal(lam_during_attack, lam[lam > 0])
+    else:  # one attack per distinct λ > 0, each at a scalar λ
+        assert sorted((lam_seen, n) for n, _, lam_seen in attack.calls) == [
+            (pytest.approx(0.1), 1), (pytest.approx(0.2), 1), (pytest.approx(0.4), 1),
+            (1.0, 1)]
+    assert model.training
+    assert stats["n"] == 6 and stats["n_adv"] == 4 and stats["n_clean"] == 5  # λ=1: no clean
+
+    expected = torch.zeros(())
+    for i in range(6):
+        li = float(lam[i])
+        model.set_lambda(li)
+        ce_clean = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+        term = (1 - li) * ce_clean
+        if li > 0:
+            x_adv = torchattacks.FGSM(model, eps=8 / 255)(x[i:i + 1], y[i:i + 1])
+            model.train()
+            term = term + li * F.cross_entropy(model(x_adv), y[i:i + 1])
+        expected = expected + term
+    torch.testing.assert_close(loss, expected / 6, rtol=1e-4, atol=1e-5)
+
+
+def test_a_method_loss_terms_hook_is_added():
+    model = _groupnorm_model().train()
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    lam = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    base, _ = oat_loss(model, x, y, lam, torchattacks.FGSM(model, eps=1 / 255))
+    model.method.loss_terms = lambda m: {"reg": torch.tensor(0.5)}
+    try:
+        with_hook, stats = oat_loss(model, x, y, lam, torchattacks.FGSM(model, eps=1 / 255))
+    finally:
+        del model.method.loss_terms
+    torch.testing.assert_close(with_hook, base + 0.5)
+    assert stats["loss_reg"] == 0.5
+
+
+@pytest.mark.parametrize("stop_at", [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 1])
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, stop_at):
+    """Stop at an epoch boundary or mid-epoch (max_steps), resume: bit-identical weights,
+    optimizer state and metrics."""
+    reference = tiny_model()
+    ref_result = fit(reference, tiny_data(), tiny_config(epochs=3), tmp_path / "ref")
+
+    first = tiny_model()
+    partial = fit(first, tiny_data(), tiny_config(epochs=3, max_steps=stop_at), tmp_path / "r")
+    assert not partial["finished"] and partial["global_step"] == stop_at
+    resumed = tiny_model(seed=123)  # different initial weights: everything comes from last.pt
+    result = fit(resumed, tiny_data(), tiny_config(epochs=3), tmp_path / "r", resume=True)
+    assert result["finished"] and result["global_step"] == 3 * STEPS_PER_EPOCH
+    _assert_same_state(_state(reference), _state(resumed))
+
+    ref_ckpt = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    for k, v in ref_ckpt["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], ckpt["optimizer"]["state"][k]["momentum_buffer"])
+    assert [r["loss"] for r in result["history"]] == [r["loss"] for r in ref_result["history"]]
+
+
+def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
+    result = fit(tiny_model(), tiny_data(), tiny_config(epochs=1), tmp_path, resume=True)
+    assert result["finished"] and (tmp_path / "last.pt").is_file()
+
+
+def test_resume_rejects_a_checkpoint_of_another_method(tmp_path):
+    fit(tiny_model(), tiny_data(), tiny_config(epochs=1, max_steps=1), tmp_path)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    ckpt["model"]["method"] = "other"
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="'other'"):
+        fit(tiny_model(), tiny_data(), tiny_config(epochs=1), tmp_path, resume=True)
+
+
+def _env() -> dict[str, str]:
+    root = os.fspath(HERE.parent)
+    return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def test_resume_after_a_killed_process_matches_an_uninterrupted_run(tmp_path):
+    out = tmp_path / "killed"
+    kill_at = STEPS_PER_EPOCH + 2  # in the middle of the second epoch
+    proc = subprocess.run(
+        [sys.executable, os.fspath(HERE / "train_script.py"), os.fspath(out),
+         "--kill-at-step", str(kill_at)],
+        env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == STEPS_PER_EPOCH  # lost < 1 epoch
+
+    resumed = tiny_model(seed=5)
+    fit(resumed, tiny_data(), tiny_config(epochs=3), out, resume=True)
+    reference = tiny_model()
+    fit(reference, tiny_data(), tiny_config(epochs=3), tmp_path / "ref")
+    _assert_same_state(_state(reference), _state(resumed))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_on_cpu_with_gloo(tmp_path):
+    """torchrun, 2 processes, gloo: ranks end identical, the loss falls, rank 0 writes the
+    checkpoint, and a run stopped mid-epoch then resumed matches the uninterrupted one."""
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+         os.fspath(HERE / "train_script.py"), os.fspath(out), "--ddp", "--epochs", "4",
+         "--n-train", "64", "--batch-size", "32",  # 16 per process, 2 steps per epoch
+         "--interrupt-at", "3"],  # in the middle of epoch 2
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    full = [torch.load(out / "full" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    _assert_same_state(full[0]["state_dict"], full[1]["state_dict"])
+    initial = tiny_model().state_dict()
+    fc = "backbone.fc.weight"
+    assert not torch.equal(full[0]["state_dict"][fc], initial[fc])
+    losses = [r["loss"] for r in full[0]["history"]]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    for key in ("loss", "clean_acc", "adv_acc"):  # epoch metrics are all-reduced
+        assert [r[key] for r in full[0]["history"]] == [r[key] for r in full[1]["history"]]
+    ckpt = torch.load(out / "full" / "last.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["global_step"] == 4 * 2
+    assert len((out / "full" / "metrics.jsonl").read_text().splitlines()) == 4
+    _assert_same_state(ckpt["model"]["state_dict"], full[0]["state_dict"])
+
+    for r in (0, 1):
+        resumed = torch.load(out / "resumed" / f"rank{r}.pt", weights_only=True)
+        _assert_same_state(full[r]["state_dict"], resumed["state_dict"])
+        assert [h["loss"] for h in resumed["history"]] == losses
+
+    unused = [torch.load(out / "unused" / f"rank{r}.pt", weights_only=True)["state_dict"]
+              for r in (0, 1)]
+    _assert_same_state(unused[0], unused[1])
+    for key, value in unused[0].items():
+        if ".clean." in key and key.endswith(("weight", "bias")):
+            assert torch.equal(value, initial[key]), key  # no λ = 0 sample: untouched
+    assert not torch.equal(unused[0][fc], initial[fc])
+
+
+def test_fast_fgsm_and_named_torchattacks_attacks():
+    model = tiny_model()
+    fast = make_attack(model, TrainConfig(attack="fgsm-rs", eps=8 / 255))
+    assert isinstance(fast, torchattacks.FFGSM) and fast.alpha == pytest.approx(10 / 255)
+    pgd = make_attack(model, TrainConfig())
+    assert isinstance(pgd, torchattacks.PGD) and pgd.steps == 7
+    assert pgd.alpha == pytest.approx(min(1.25 * 8 / 255, 12 / 255) / 7)
+    assert default_alpha("pgd", 8 / 255, 10) == pytest.approx(10 / 255 / 10)
+    tpgd = make_attack(model, TrainConfig(attack="TPGD", steps=3))
+    assert isinstance(tpgd, torchattacks.TPGD) and tpgd.steps == 3
+    with pytest.raises(ValueError, match="unknown attack 'nope'"):
+        make_attack(model, TrainConfig(attack="nope"))
+
+
+def test_fit_with_fgsm_rs_amp_and_custom_optimizer(tmp_path):
+    model = tiny_model()
+    seen = []
+
+    def optimizer(params):
+        opt = torch.optim.Adam(params, lr=1e-3)
+        seen.append(opt)
+        return opt
+
+    config = tiny_config(epochs=1, attack="fgsm-rs", amp=True, lambdas=(0.0, 1.0))
+    result = fit(model, tiny_data(), config, tmp_path, optimizer=optimizer)
+    assert len(seen) == 1 and result["finished"]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["state"]
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"epochs": 0}, "epochs"),
+    ({"schedule": "linear"}, "schedule"),
+    ({"lambdas": (0.0, 1.5)}, r"\[0, 1\]"),
+    ({"lambdas": (0.0,)}, "λ > 0"),
+    ({"eps": -1.0}, "eps"),
+])
+def test_config_rejects_bad_values(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**overrides)
+
+
+def test_fit_rejects_a_dataset_smaller_than_a_batch(tmp_path):
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        fit(tiny_model(), tiny_data(8), tiny_config(), tmp_path)
+
+
+def test_explicit_sampler_is_used(tmp_path):
+    model = tiny_model()
+    calls = []
+
+    class Recording(DiscreteLambdaSampler):
+        def __call__(self, batch_size, generator=None):
+            lam = super().__call__(batch_size, generator)
+            calls.append(lam)
+            return lam
+
+    fit(model, tiny_data(), tiny_config(epochs=1), tmp_path,
+        sampler=Recording((0.0, 0.5), clean_fraction=0.25))
+    assert len(calls) == STEPS_PER_EPOCH
+    for lam in calls:
+        assert int((lam == 0).sum()) == 4 and set(lam.tolist()) == {0.0, 0.5}
+
+
+TINY_CLI = ["--model", "resnet10t", "--model-kwargs",
+            '{"channels": [8, 16, 32, 64], "stem_width": 8}', "--method", "film",
+            "--data", "bundled", "--batch-size", "16", "--lambdas", "0,0.2,1",
+            "--eps", "8/255", "--steps", "1", "--no-progress"]
+
+
+def test_cli_train_runs_end_to_end_on_the_bundled_sample(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli_main(["train", *TINY_CLI, "--epochs", "1", "--limit-train", "32",
+                     "--eval-samples", "16", "--out", os.fspath(out)])
+    assert code == 0
+    assert "wrote" in capsys.readouterr().out
+    model = oat_plugins.load(out / "model.pt")
+    assert model.method_name == "film" and model.num_classes == 10
+    assert oat_plugins.load(out / "last.pt").state_dict().keys() == model.state_dict().keys()
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["epoch"] == 1 and "eval_clean_acc@0" in record
+
+    # --max-steps and --resume: a second run continues the first.
+    out2 = tmp_path / "steps"
+    assert cli_main(["train", *TINY_CLI, "--epochs", "1", "--max-steps", "1",
+                     "--eval-samples", "0", "--out", os.fspath(out2)]) == 0
+    assert cli_main(["train", *TINY_CLI, "--epochs", "1", "--max-steps", "2", "--resume",
+                     "--eval-samples", "0", "--out", os.fspath(out2)]) == 0
+    assert torch.load(out2 / "last.pt", weights_only=True)["global_step"] == 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--lambdas", "0,0.5,2"], "must be in [0, 1]"),
+    (["--lambdas", "0,x"], "'x' is not a number"),
+    (["--lambdas", "0"], "at least one λ > 0"),
+    (["--eps", "8/0"], "expected a number"),
+])
+def test_cli_train_rejects_bad_arguments(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["train", "--model", "resnet10t", "--method", "film", "--out",
+                  os.fspath(tmp_path), *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ("imagenet", "unknown dataset 'imagenet'"),
+    ("./no/such/dir", "does not exist"),
+])
+def test_cli_train_reports_bad_data(tmp_path, capsys, data, message):
+    code = cli_main(["train", "--model", "resnet10t", "--method", "film", "--data", data,
+                     "--out", os.fspath(tmp_path)])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_extremes_sampler_batches_hold_no_zero_weight_clean_terms():
+    """With FLOAT's sampler (half λ=0, half λ=1) the training forward holds the clean λ=0
+    samples and the adversarial λ=1 ones only: the robust norms never see clean images."""
+    from oat_plugins.samplers import ExtremesLambdaSampler
+
+    model = _groupnorm_model().train()
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, args: seen.append((m.training, args[0].shape[0], m.lam.clone()))
+        if m.training else None)
+    lam = ExtremesLambdaSampler()(8, torch.Generator().manual_seed(0))
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    oat_loss(model, x, y, lam, torchattacks.FGSM(model, eps=2 / 255))
+    assert len(seen) == 1
+    _, batch, lam_seen = seen[0]
+    assert batch == 8 and int((lam_seen == 0).sum()) == 4 and int((lam_seen == 1).sum()) == 4
+
+
+def test_fit_trains_a_method_without_per_sample_lambda(tmp_path):
+    torch.manual_seed(0)
+    model = oat_plugins.ConditionalModel(
+        timm.create_model("resnet10t", num_classes=10, **TINY_KWARGS), ScalarFilm(),
+        normalize=None)
+    before = _state(model)
+    result = fit(model, tiny_data(), tiny_config(epochs=1), tmp_path)
+    assert result["finished"] and torch.isfinite(torch.tensor(result["history"][0]["loss"]))
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert isinstance(model.lam, float)
