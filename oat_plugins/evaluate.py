@@ -535,18 +535,19 @@ def evaluate(
         raise ValueError(f"n_examples must be a positive integer, got {n_examples!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if isinstance(model, ConditionalModel) and not model.deterministic:
+    n_classes = int(getattr(model, "num_classes", 10) or 10)
+    config = resolve_attack(attack, eps=eps, steps=steps, alpha=alpha, n_classes=n_classes,
+                            seed=seed)
+    if (isinstance(model, ConditionalModel) and not model.deterministic
+            and config.name != "eot-pgd"):
         logger.warning(
             "the model draws fresh randomness at every forward (model.deterministic is False): "
-            "a fixed-gradient attack overestimates its robustness; use an EOT attack "
-            "(attack='eot-pgd') for an honest number"
+            "an attack without expectation over transformation overestimates its robustness; "
+            "use attack='eot-pgd' (or an EOT attack factory) for an honest number"
         )
     if device is not None:
         model.to(device)
     dev = _model_device(model)
-    n_classes = int(getattr(model, "num_classes", 10) or 10)
-    config = resolve_attack(attack, eps=eps, steps=steps, alpha=alpha, n_classes=n_classes,
-                            seed=seed)
     batches, n_total = _batches(data, n_examples, batch_size, subset_seed)
 
     was_training = model.training

@@ -9,8 +9,6 @@ import pytest
 import timm
 import torch
 import torchattacks
-from torch import nn
-from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
 import oat_plugins
@@ -23,7 +21,6 @@ from oat_plugins.evaluate import (
     plot_tradeoff,
     resolve_attack,
 )
-from oat_plugins.layers.base import ConditionedParametrization
 
 TINY = {"num_classes": 10, "channels": (8, 16, 16, 16), "stem_width": 8}
 
@@ -182,21 +179,16 @@ def test_attack_factory_and_cw_stay_in_the_ball(model, data):
     assert float(adv.min()) >= 0 and float(adv.max()) <= 1
 
 
-class _Resampled(ConditionedParametrization):
-    deterministic = False
-
-    def forward(self, weight):
-        return weight + 1e-3 * float(self.condition.lam) * torch.randn_like(weight)
-
-
 def test_non_deterministic_model_warns_about_eot(data, caplog):
-    m = oat_plugins.wrap("resnet10t", "film", model_kwargs=TINY).eval()
-    conv = next(mod for mod in m.backbone.modules() if isinstance(mod, nn.Conv2d))
-    parametrize.register_parametrization(conv, "weight", _Resampled(m.condition))
+    m = oat_plugins.wrap("resnet10t", "float", model_kwargs=TINY, noise="resample").eval()
     assert not m.deterministic
     with caplog.at_level(logging.WARNING, logger="oat_plugins.evaluate"):
         evaluate(m, data, [1.0], attack="fgsm", n_examples=4, progress=False)
-    assert "EOT" in caplog.text
+    assert "expectation over transformation" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="oat_plugins.evaluate"):
+        evaluate(m, data, [1.0], attack="eot-pgd", steps=1, n_examples=4, progress=False)
+    assert "expectation over transformation" not in caplog.text
 
 
 def test_outputs_json_csv_markdown_plot(model, data, tmp_path):
