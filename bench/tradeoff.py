@@ -232,10 +232,28 @@ def _record(run_dir: Path, args: argparse.Namespace, kind: str, seconds: float) 
                       run_dir / "time.json")
 
 
-def run_method(method: str, args, train, test, out: Path) -> tuple[SweepResult, float]:
-    """Train ``method`` once (or reuse its model.pt) and sweep λ."""
-    run_dir = out / method
-    seconds = _cached(run_dir, args, method)
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``'floats:density=0.2'`` → ``('floats', {'density': 0.2})`` (values parsed as JSON
+    when they are JSON, else kept as strings)."""
+    name, *pairs = spec.split(":")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"method option {pair!r} in {spec!r} is not key=value")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
+
+
+def run_method(spec: str, args, train, test, out: Path) -> tuple[SweepResult, float]:
+    """Train the method of ``spec`` (``name[:key=value...]``) once (or reuse its model.pt)
+    and sweep λ."""
+    method, options = parse_method(spec)
+    run_dir = out / spec.replace(":", "-").replace("=", "")
+    seconds = _cached(run_dir, args, spec)
     if seconds is not None:
         model = oat_plugins.load(run_dir / "model.pt")
     else:
@@ -244,12 +262,13 @@ def run_method(method: str, args, train, test, out: Path) -> tuple[SweepResult, 
         kwargs = _model_kwargs(args)
         torch.manual_seed(args.seed)
         model = oat_plugins.wrap(timm.create_model(args.model, **kwargs), method,
-                                 normalize=(CIFAR10_MEAN, CIFAR10_STD), model_kwargs=kwargs)
+                                 normalize=(CIFAR10_MEAN, CIFAR10_STD), model_kwargs=kwargs,
+                                 **options)
         start = time.perf_counter()
         fit(model, train, _config(args), run_dir, resume=True, eval_data=test)
         seconds = time.perf_counter() - start
         oat_plugins.save(model, run_dir / "model.pt")
-        _record(run_dir, args, method, seconds)
+        _record(run_dir, args, spec, seconds)
     result = evaluate(model, test, args.lambdas, attack=args.attack, steps=args.steps,
                       n_examples=args.n_examples, subset_seed=0, seed=args.seed,
                       progress=not args.no_progress)
@@ -307,7 +326,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default={"channels": [32, 64, 128, 256]}, metavar="JSON",
                    help="timm.create_model kwargs")
     p.add_argument("--methods", default="film",
-                   help="comma-separated conditional methods, each trained once")
+                   help="comma-separated conditional methods, each trained once; options as "
+                        "name:key=value[:key=value], e.g. floats:density=0.2")
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help=f"comma-separated plain baselines among {', '.join(BASELINES)} "
                    "('' for none)")
@@ -342,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     baselines = [b for b in args.baselines.split(",") if b]
     for m in methods:
-        oat_plugins.get_method(m)  # unknown method → a clear error before any training
+        name, options = parse_method(m)
+        oat_plugins.get_method(name)(**options)  # a bad method or option fails before training
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
         raise SystemExit(f"unknown baselines {unknown}; choose among {BASELINES}")
