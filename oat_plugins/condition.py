@@ -118,13 +118,19 @@ class Condition:
                 "samples; set one λ per sample (or a float for the whole batch)"
             )
 
+    @staticmethod
+    def _key(*parts: object) -> tuple:
+        # Tensors made under torch.inference_mode cannot be saved for a later backward, so
+        # they are cached apart from those made outside it.
+        return (*parts, torch.is_inference_mode_enabled())
+
     def values(self, x: torch.Tensor) -> torch.Tensor:
         """λ as a (B,) tensor matching the leading dimension of ``x`` (B = 1 for a scalar λ).
 
         Some backbones fold extra items into the batch dimension (e.g. windows of Swin, in
         sample-major order); a per-sample λ is then repeated to that size.
         """
-        key = ("values", x.shape[0], x.device, x.dtype)
+        key = self._key("values", x.shape[0], x.device, x.dtype)
         if key not in self._cache:
             if self.is_scalar:
                 lam = torch.full((1,), self._lam, device=x.device, dtype=x.dtype)
@@ -136,7 +142,7 @@ class Condition:
 
     def clean_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean (B,) mask of the samples with λ == 0 (those routed to the clean branch)."""
-        key = ("clean", x.shape[0], x.device)
+        key = self._key("clean", x.shape[0], x.device)
         if key not in self._cache:
             self._cache[key] = self.values(x) == 0
         return self._cache[key]
@@ -145,7 +151,7 @@ class Condition:
         """The encoder's features of λ, (B, D) with B as in :meth:`values`."""
         if self.encoder is None:
             raise RuntimeError("this model's condition has no λ encoder")
-        key = ("encoding", x.shape[0], x.device, x.dtype)
+        key = self._key("encoding", x.shape[0], x.device, x.dtype)
         if key not in self._cache:
             lam = self.values(x)
             self._cache[key] = self.encoder(lam).to(dtype=x.dtype)

@@ -337,3 +337,14 @@ def test_custom_backbone_needs_backbone_argument_on_load(tmp_path, images):
     loaded = oat_plugins.load(tmp_path / "m.pt", backbone=make()).eval()
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+
+
+def test_training_after_inference_mode_at_the_same_lambda(images):
+    """The condition's caches must not hand inference tensors to a later autograd forward."""
+    model = oat_plugins.wrap(timm.create_model("resnet10t", num_classes=10), "film")
+    for lam in (0.4, torch.tensor([0.0, 0.4, 1.0, 0.0])):
+        model.set_lambda(lam).eval()
+        with torch.inference_mode():
+            model(images)
+        model.train()
+        model(images).sum().backward()
