@@ -363,7 +363,10 @@ def from_checkpoint(
     backbone: nn.Module | None = None,
     source: str = "checkpoint",
 ) -> ConditionalModel:
-    """Rebuild a model from :func:`to_checkpoint`'s dictionary."""
+    """Rebuild a model from :func:`to_checkpoint`'s dictionary (or a training checkpoint
+    holding one under ``'model'``), in eval mode."""
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        payload = payload["model"]
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{source} is not an oat-plugins conditional-model checkpoint")
     if payload.get("format_version", 0) > CHECKPOINT_VERSION:
@@ -400,7 +403,7 @@ def from_checkpoint(
             f"{str(err)[:500]}"
         ) from None
     model.set_lambda(payload["lam"])
-    return model
+    return model.eval()
 
 
 def save(model: ConditionalModel, path: str | os.PathLike) -> None:
@@ -429,9 +432,12 @@ def load(
     backbone: nn.Module | None = None,
 ) -> ConditionalModel:
     """Rebuild a model written by :func:`save` (or a training checkpoint holding one under
-    ``'model'``). ``method`` makes a checkpoint of another method an error; ``backbone``
-    supplies the architecture when it is not a named timm model."""
-    payload = read_checkpoint(path, map_location)
-    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
-        payload = payload["model"]
-    return from_checkpoint(payload, method=method, backbone=backbone, source=repr(os.fspath(path)))
+    ``'model'``), in eval mode (call ``.train()`` to fine-tune it). ``method`` makes a
+    checkpoint of another method an error; ``backbone`` supplies the architecture when it is
+    not a named timm model."""
+    return from_checkpoint(
+        read_checkpoint(path, map_location),
+        method=method,
+        backbone=backbone,
+        source=repr(os.fspath(path)),
+    )

@@ -75,6 +75,4 @@ def load_any_model(path: str | os.PathLike, map_location: str = "cpu") -> nn.Mod
     source = repr(os.fspath(path))
     if is_exported(payload):
         return from_exported(payload, source=source)
-    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
-        payload = payload["model"]
     return from_checkpoint(payload, source=source)
