@@ -9,7 +9,7 @@ accuracies are not)::
 
     python bench/gdws.py --timm-model resnet18 --betas 0.3,1,3 --n-test 200
 
-Data: CIFAR-10 (JPEG q75) from ``/work/shared/data/cifar10-jpeg.tar.gz`` (or ``--data`` any
+Data: CIFAR-10 (JPEG q75) from ``../shared/data/cifar10-jpeg.tar.gz`` (or ``--data`` any
 ``oat_plugins.data.load_dataset`` spec, e.g. ``bundled``); alphas are computed
 on the first ``--alpha-samples`` *train* images (PGD), accuracies on the first ``--n-test``
 *test* images (classes interleaved). Latency: median over ``--repeats`` of one forward of the
@@ -35,7 +35,7 @@ from oat_plugins.gdws import GDWSConv2d, compute_alphas, convert, count_macs
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]
-DEFAULT_TAR = "/work/shared/data/cifar10-jpeg.tar.gz"
+DEFAULT_TAR = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz")
 
 
 def load_cifar_tar(path: str, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
