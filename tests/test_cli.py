@@ -128,7 +128,7 @@ def test_eval_of_an_exported_model_has_one_row(checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--lambdas", "0,2"], "not in [0, 1]"), (["--lambdas", "0,,1"], "comma-separated"),
+    [(["--lambdas", "0,2"], "must be in [0, 1]"), (["--lambdas", "0,,1"], "comma-separated"),
      (["--lambdas", "a"], "not a number"), (["--attack", "pgd7"], "invalid choice"),
      (["--n-examples", "0"], "positive integer"), (["--eps", "8/0"], "8/255"),
      (["--eps", "-1"], "positive number")],

@@ -1,11 +1,13 @@
-"""Helpers shared by the command modules (argument parsing of λ lists, model loading)."""
+"""Helpers shared by the command modules (argument types, model loading)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from fractions import Fraction
+from typing import Any
 
 from torch import nn
 
@@ -13,37 +15,22 @@ from ..exported import from_exported, is_exported
 from ..model import from_checkpoint, read_checkpoint
 
 
-def parse_lambdas(text: str) -> list[float]:
-    """``'0,0.5,1'`` → ``[0.0, 0.5, 1.0]``; ``argparse`` type for ``--lambdas``."""
-    parts = [p.strip() for p in text.split(",")]
-    if not text.strip() or any(not p for p in parts):
-        raise argparse.ArgumentTypeError(
-            f"--lambdas must be a comma-separated list of numbers in [0, 1], got {text!r}"
-        )
-    values = []
-    for part in parts:
-        try:
-            value = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"--lambdas: {part!r} is not a number (expected e.g. 0,0.5,1)"
-            ) from None
-        if not 0.0 <= value <= 1.0:
-            raise argparse.ArgumentTypeError(f"--lambdas: {value:g} is not in [0, 1]")
-        values.append(value)
-    if len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"--lambdas has repeated values: {text!r}")
-    return values
-
-
 def number(text: str) -> float:
-    """A positive number, also written as a fraction such as ``8/255``."""
+    """A finite number, also written as a fraction such as ``8/255``."""
     try:
         value = float(Fraction(text.strip())) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(
             f"expected a number such as 0.031 or 8/255, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """A positive number, also written as a fraction such as ``8/255``."""
+    value = number(text)
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
@@ -59,12 +46,42 @@ def positive_int(text: str) -> int:
 
 
 def unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    value = number(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value:g}")
+    return value
+
+
+def parse_lambdas(text: str) -> list[float]:
+    """``'0,0.5,1'`` → ``[0.0, 0.5, 1.0]``; ``argparse`` type for ``--lambdas``."""
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or any(not p for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"--lambdas must be a comma-separated list of numbers in [0, 1], got {text!r}"
+        )
+    values = []
+    for part in parts:
+        try:
+            values.append(number(part))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"--lambdas: {part!r} is not a number (expected e.g. 0,0.5,1)"
+            ) from None
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--lambdas: values must be in [0, 1], got {bad}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"--lambdas has repeated values: {text!r}")
+    return values
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
 
 

@@ -5,15 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-def _lambdas(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--lambdas: {err}") from err
-    if not values:
-        raise argparse.ArgumentTypeError("--lambdas needs at least one value")
-    return values
+from ._common import parse_lambdas
 
 
 def _eps(text: str) -> float:
@@ -47,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "robust accuracy, and with --results write one RobustBench JSON entry per λ.",
     )
     parser.add_argument("--checkpoint", required=True, help="a file written by oat_plugins.save")
-    parser.add_argument("--lambdas", type=_lambdas, required=True, metavar="LIST",
+    parser.add_argument("--lambdas", type=parse_lambdas, required=True, metavar="LIST",
                         help="comma-separated λ values in [0, 1], e.g. 0,0.5,1")
     parser.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
     parser.add_argument("--threat-model", default="Linf", choices=["Linf", "L2"])

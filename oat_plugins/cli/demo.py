@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._common import parse_lambdas, positive_int
+from ._common import json_object, parse_lambdas, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -21,16 +21,6 @@ DEMO_MODEL_KWARGS: dict[str, Any] = {"channels": [32, 64, 128, 256]}
 """A narrow ResNet-10-T (1.3 M parameters; 2.3 M with FiLM) that trains in minutes on a CPU."""
 DEMO_LAMBDAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 DEMO_TRAIN_LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {err}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", default=DEMO_MODEL, help="timm model name")
-    parser.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
+    parser.add_argument("--model-kwargs", type=json_object, default=None, metavar="JSON",
                         help="timm.create_model kwargs (default for resnet10t: "
                         f"{json.dumps(DEMO_MODEL_KWARGS)}, a narrow variant)")
     parser.add_argument("--method", default="film", help="conditioning method")

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..data import DATASETS, load_dataset
 from ..evaluate import ATTACKS, DEFAULT_LAMBDAS, evaluate
 from ..model import ConditionalModel
-from ._common import load_any_model, number, parse_lambdas, positive_int
+from ._common import load_any_model, parse_lambdas, positive_int, positive_number
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "model)")
     parser.add_argument("--attack", default="pgd", choices=list(ATTACKS),
                         help="attack name (default pgd)")
-    parser.add_argument("--eps", type=number, default=None,
+    parser.add_argument("--eps", type=positive_number, default=None,
                         help="attack radius, e.g. 8/255 (default 8/255 for L∞ attacks, 0.5 "
                         "for L2)")
     parser.add_argument("--steps", type=positive_int, default=20,
                         help="attack iterations (default 20)")
-    parser.add_argument("--alpha", type=number, default=None,
+    parser.add_argument("--alpha", type=positive_number, default=None,
                         help="step size (default 2.5·eps/steps)")
     parser.add_argument("--n-examples", type=positive_int, default=None,
                         help="use the first N test examples (default: all)")

@@ -7,70 +7,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
+
+from ._common import json_object, number, parse_lambdas, positive_int
 
 logger = logging.getLogger(__name__)
 
 
-def parse_number(text: str) -> float:
-    """A float, also written as a fraction such as ``8/255``."""
-    try:
-        value = float(Fraction(text.strip())) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(
-            f"expected a number such as 0.031 or 8/255, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def parse_lambdas(text: str) -> tuple[float, ...]:
+def training_lambdas(text: str) -> tuple[float, ...]:
     """A comma-separated list of training λ values in [0, 1] with at least one λ > 0."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError("--lambdas needs a comma-separated list, e.g. "
-                                         "0,0.1,0.2,0.3,0.4,1")
-    values = []
-    for part in parts:
-        try:
-            values.append(parse_number(part))
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(
-                f"{part!r} is not a number (expected e.g. 0,0.1,0.2,0.3,0.4,1)"
-            ) from None
-    bad = [v for v in values if not 0.0 <= v <= 1.0]
-    if bad:
-        raise argparse.ArgumentTypeError(f"values must be in [0, 1], got {bad}")
-    if len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"repeated values in {values}")
+    values = parse_lambdas(text)
     if not any(v > 0 for v in values):
         raise argparse.ArgumentTypeError("needs at least one λ > 0 "
                                          "(λ = 0 alone is plain training)")
     return tuple(values)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {err}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -96,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True,
                         help="timm model name, e.g. resnet18 (created with the data's classes)")
-    parser.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
+    parser.add_argument("--model-kwargs", type=json_object, default=None, metavar="JSON",
                         help='extra timm.create_model kwargs, e.g. \'{"drop_rate": 0.1}\'')
     parser.add_argument("--pretrained", action="store_true",
                         help="start from timm's pretrained weights (downloads them)")
@@ -112,21 +64,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "~/.cache/oat-plugins/data)")
     parser.add_argument("--no-download", action="store_true",
                         help="never download a torchvision dataset")
-    parser.add_argument("--image-size", type=_positive_int, default=None,
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="resize ImageFolder images to this size")
-    parser.add_argument("--limit-train", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
                         help="train on the first N training images only (smoke runs)")
     parser.add_argument("--eval-samples", type=int, default=1000, metavar="N",
                         help="test images evaluated after each epoch (0: no evaluation)")
-    parser.add_argument("--epochs", type=_positive_int, default=200, help="training epochs")
-    parser.add_argument("--batch-size", type=_positive_int, default=128,
+    parser.add_argument("--epochs", type=positive_int, default=200, help="training epochs")
+    parser.add_argument("--batch-size", type=positive_int, default=128,
                         help="global batch size (split over torchrun processes)")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     parser.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine",
                         help="learning-rate schedule (per step)")
-    parser.add_argument("--lambdas", type=parse_lambdas, default=None, metavar="LIST",
+    parser.add_argument("--lambdas", type=training_lambdas, default=None, metavar="LIST",
                         help="training λ set, e.g. 0,0.1,0.2,0.3,0.4,1 (default: the method's "
                         "own sampler)")
     parser.add_argument("--clean-fraction", type=float, default=None,
@@ -134,19 +86,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default 1/len(lambdas))")
     parser.add_argument("--attack", default="pgd",
                         help="pgd, fgsm-rs (fast training) or a torchattacks class name")
-    parser.add_argument("--eps", type=parse_number, default=8 / 255,
+    parser.add_argument("--eps", type=number, default=8 / 255,
                         help="attack budget, e.g. 8/255")
-    parser.add_argument("--alpha", type=parse_number, default=None,
+    parser.add_argument("--alpha", type=number, default=None,
                         help="attack step (default min(1.25ε, ε+4/255)/steps; 1.25ε for "
                         "fgsm-rs)")
-    parser.add_argument("--steps", type=_positive_int, default=7, help="attack iterations")
+    parser.add_argument("--steps", type=positive_int, default=7, help="attack iterations")
     parser.add_argument("--amp", action="store_true", help="mixed precision")
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole run")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT/last.pt when it exists")
-    parser.add_argument("--max-steps", type=_positive_int, default=None,
+    parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="stop after this many optimizer steps in total")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
