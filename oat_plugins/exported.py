@@ -21,9 +21,8 @@ from torch import nn
 from torchvision.transforms import Normalize
 
 from ._io import atomic_torch_save
-from ._version import __version__
 from .condition import validate_lambda
-from .model import ConditionalModel, read_checkpoint
+from .model import ConditionalModel, check_header, file_header, read_checkpoint
 
 EXPORT_FORMAT = "oat-plugins/exported-model"
 EXPORT_VERSION = 1
@@ -41,15 +40,9 @@ def exported_payload(model: ConditionalModel, lam: float) -> dict[str, Any]:
         )
     plain = model.export(lam)
     backbone = plain[-1] if isinstance(plain, nn.Sequential) and model.normalize_stats else plain
-    stats = model.normalize_stats
     return {
-        "format": EXPORT_FORMAT,
-        "format_version": EXPORT_VERSION,
-        "oat_plugins_version": __version__,
-        "backbone": model.backbone_spec,
-        "normalize": None if stats is None else {"mean": list(stats[0]), "std": list(stats[1])},
+        **file_header(model, EXPORT_FORMAT, EXPORT_VERSION),
         "lam": lam,
-        "method": model.method_name,
         "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
     }
 
@@ -67,13 +60,7 @@ def is_exported(payload: object) -> bool:
 
 def from_exported(payload: dict[str, Any], *, source: str = "file") -> nn.Module:
     """Rebuild the plain model from :func:`exported_payload`'s dictionary."""
-    if not is_exported(payload):
-        raise ValueError(f"{source} is not an oat-plugins exported model")
-    if payload.get("format_version", 0) > EXPORT_VERSION:
-        raise ValueError(
-            f"{source} has export format {payload['format_version']}, newer than this "
-            f"oat-plugins ({__version__}) reads ({EXPORT_VERSION}); upgrade oat-plugins"
-        )
+    check_header(payload, EXPORT_FORMAT, EXPORT_VERSION, source, "exported model")
     spec = payload["backbone"]
     backbone = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
     try:

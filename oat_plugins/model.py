@@ -336,20 +336,39 @@ def wrap(
     )
 
 
+def file_header(model: ConditionalModel, fmt: str, version: int) -> dict[str, Any]:
+    """The fields every oat-plugins file of a model starts with: format, versions, and what
+    rebuilds the backbone (timm spec, normalisation, method name)."""
+    stats = model.normalize_stats
+    return {
+        "format": fmt,
+        "format_version": version,
+        "oat_plugins_version": __version__,
+        "backbone": model.backbone_spec,
+        "normalize": None if stats is None else {"mean": list(stats[0]), "std": list(stats[1])},
+        "method": model.method_name,
+    }
+
+
+def check_header(payload: object, fmt: str, version: int, source: str, kind: str) -> None:
+    """Raise a clear ``ValueError`` unless ``payload`` is a ``fmt`` file this version reads."""
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ValueError(f"{source} is not an oat-plugins {kind}")
+    if payload.get("format_version", 0) > version:
+        raise ValueError(
+            f"{source} has {kind} format {payload['format_version']}, newer than this "
+            f"oat-plugins ({__version__}) reads ({version}); upgrade oat-plugins"
+        )
+
+
 def to_checkpoint(model: ConditionalModel) -> dict[str, Any]:
     """Everything needed to rebuild ``model``, as plain tensors and JSON-like values."""
     if not isinstance(model, ConditionalModel):
         raise ValueError(f"expected a ConditionalModel, got {type(model).__name__}")
     lam = model.lam
     return {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "oat_plugins_version": __version__,
-        "backbone": model.backbone_spec,
-        "method": model.method_name,
+        **file_header(model, CHECKPOINT_FORMAT, CHECKPOINT_VERSION),
         "options": model.method.options_dict(),
-        "normalize": None if model.normalize_stats is None else {
-            "mean": list(model.normalize_stats[0]), "std": list(model.normalize_stats[1])},
         "check_inputs": model.check_inputs,
         "lam": lam if isinstance(lam, float) else lam.cpu(),
         "state_dict": model.state_dict(),
@@ -367,13 +386,8 @@ def from_checkpoint(
     holding one under ``'model'``), in eval mode."""
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
         payload = payload["model"]
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{source} is not an oat-plugins conditional-model checkpoint")
-    if payload.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise ValueError(
-            f"{source} has checkpoint format {payload['format_version']}, newer than this "
-            f"oat-plugins ({__version__}) reads ({CHECKPOINT_VERSION}); upgrade oat-plugins"
-        )
+    check_header(payload, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, source,
+                 "conditional-model checkpoint")
     if method is not None and payload["method"] != method:
         raise ValueError(
             f"{source} holds a {payload['method']!r} model, not a {method!r} one"
