@@ -304,6 +304,11 @@ def test_benchmark_input_errors(cifar, linear):
         benchmark(model, dataset="cifar100", **kwargs)
     with pytest.raises(NondeterministicModelError, match="deterministic"):
         benchmark(_Noisy().eval(), **kwargs)
+    resampled = oat_plugins.wrap(timm.create_model("test_byobnet", num_classes=10), "float",
+                                 noise="resample")
+    assert resampled.deterministic is False
+    with pytest.raises(NondeterministicModelError, match="resampled noise"):
+        benchmark(resampled, 1.0, **kwargs)
     with pytest.raises(FileNotFoundError):
         benchmark(model, n_examples=4, data=REPO / "no-such-data", progress=False)
 
