@@ -1,9 +1,9 @@
 """One adversarial training loop for every conditional method (OAT's recipe by default).
 
 Per step: λ is drawn per sample by the method's sampler (or ``config.lambdas``); adversarial
-examples are generated with torchattacks only for the samples with λ > 0, with the model in
-eval mode at their λ; the loss is ``mean_i[(1 − λ_i)·CE(f_λi(x_i)) + λ_i·CE(f_λi(x_adv_i))]``
-(the adversarial term exists only for λ_i > 0).
+examples are generated with torchattacks only for the samples with λ > 0, one λ group at a
+time with the model in eval mode at that λ; then the method's ``training_loss`` (OAT's
+``mean_i[(1 − λ_i)·CE(f_λi(x_i)) + λ_i·CE(f_λi(x_adv_i))]`` by default) is minimised.
 
 >>> import oat_plugins
 >>> from oat_plugins.data import load_dataset
@@ -12,7 +12,9 @@ eval mode at their λ; the loss is ``mean_i[(1 − λ_i)·CE(f_λi(x_i)) + λ_i�
 >>> fit(model, load_dataset("bundled"), TrainConfig(epochs=1), "runs/demo")
 
 The same script runs under ``torchrun --nproc_per_node N`` (DistributedDataParallel; gloo on
-CPU, nccl on GPU): ``batch_size`` is the global batch, split over the processes.
+CPU, nccl on GPU): ``batch_size`` is the global batch, split over the processes. SIGTERM or
+SIGINT (cluster pre-emption, Ctrl-C) finishes the current step, writes ``last.pt`` and returns;
+``resume=True`` continues from it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -37,12 +41,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torchattacks
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ._io import atomic_torch_save, atomic_write_text
+from .condition import lambda_groups
+from .evaluate import evaluate
+from .losses import LossContext, LossForward
 from .model import ConditionalModel, read_checkpoint, to_checkpoint
 from .samplers import DiscreteLambdaSampler, LambdaSampler
 
@@ -62,11 +69,18 @@ CHECKPOINT_NAME = "last.pt"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 SCHEDULES = ("cosine", "step", "constant")
+AMP_DTYPES = ("float16", "bfloat16")
+STOP_SIGNALS = ("SIGTERM", "SIGINT")
 ATTACKS = ("pgd", "fgsm-rs", "<any torchattacks class name, e.g. TPGD, PGDL2>")
 
 AttackFactory = Callable[[nn.Module], torchattacks.attack.Attack]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
+AutocastFactory = Callable[[], contextlib.AbstractContextManager]
+
+# Settings a resumed run may change without a warning (where and how it runs, not what).
+_RUNTIME_FIELDS = ("max_steps", "progress", "device", "num_workers", "log_every",
+                   "save_every_steps", "save_every_minutes")
 
 
 @dataclass
@@ -90,11 +104,20 @@ class TrainConfig:
             control pass ``fit(..., attack=factory)``.
         lambdas: training λ set for OAT's discrete sampler; None → the method's default sampler.
         clean_fraction: share of each batch at λ = 0 with ``lambdas`` (None: 1/len(lambdas)).
-        amp: mixed precision (float16 + GradScaler on CUDA, bfloat16 on CPU).
+        device: ``'cpu'``, ``'cuda'`` or ``'cuda:<index>'``; None picks CUDA when available,
+            else the CPU. Under torchrun ``'cuda'`` (or None) means ``cuda:<LOCAL_RANK>``.
+        amp: mixed precision for the loss forward (autocast, plus a GradScaler for float16).
+        amp_dtype: ``'float16'`` or ``'bfloat16'``; None → float16 on CUDA, bfloat16 on CPU.
+            The attack runs under autocast only with bfloat16: its input gradient is not
+            loss-scaled, and in float16 it can underflow, so with float16 it runs in float32.
         seed: seeds everything; the randomness of each step is a function of
             (seed, epoch, step, rank), so runs and resumed runs are reproducible.
         max_steps: stop after this many optimizer steps in total (smoke runs); a checkpoint is
             written there and ``resume`` continues from it.
+        save_every_steps: also write ``last.pt`` every this many optimizer steps (None: only
+            at the end of each epoch).
+        save_every_minutes: also write ``last.pt`` when this many minutes have passed since
+            the last one (checked after every step; None: off).
         num_workers: DataLoader worker processes.
         log_every: log a line every this many steps (0: only per epoch).
         eval_lambdas: λ values to evaluate ``eval_data`` at after each epoch.
@@ -120,9 +143,13 @@ class TrainConfig:
     attack: str = "pgd"
     lambdas: tuple[float, ...] | None = None
     clean_fraction: float | None = None
+    device: str | None = None
     amp: bool = False
+    amp_dtype: str | None = None
     seed: int = 0
     max_steps: int | None = None
+    save_every_steps: int | None = None
+    save_every_minutes: float | None = None
     num_workers: int = 0
     log_every: int = 50
     eval_lambdas: tuple[float, ...] = (0.0, 1.0)
@@ -136,7 +163,24 @@ class TrainConfig:
         if self.lambdas is not None:
             self.lambdas = tuple(float(v) for v in self.lambdas)
         self.eval_lambdas = tuple(float(v) for v in self.eval_lambdas)
-        checks = [
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
+        for ok, message in self._checks():
+            if not ok:
+                raise ValueError(message)
+        _device_from_spec(self.device)  # raises for anything but cpu / cuda[:index]
+        if self.lambdas is not None:
+            # Validates the set (range, share) with the sampler's own checks.
+            DiscreteLambdaSampler(self.lambdas, self.clean_fraction)
+            if not any(v > 0 for v in self.lambdas):
+                raise ValueError(f"lambdas needs at least one λ > 0 (λ = 0 alone is plain "
+                                 f"training), got {self.lambdas}")
+        for lam in self.eval_lambdas:
+            if not 0.0 <= lam <= 1.0:
+                raise ValueError(f"eval_lambdas must be in [0, 1], got {self.eval_lambdas}")
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
@@ -147,20 +191,19 @@ class TrainConfig:
              f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.max_steps is None or self.max_steps >= 1,
              f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.save_every_steps is None or self.save_every_steps >= 1,
+             f"save_every_steps must be >= 1 (or None: off), got {self.save_every_steps}"),
+            (self.save_every_minutes is None or self.save_every_minutes > 0,
+             f"save_every_minutes must be > 0 (or None: off), got {self.save_every_minutes}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.device is None or isinstance(self.device, str),
+             f"device must be a string such as 'cpu', 'cuda' or 'cuda:1', got {self.device!r}"),
+            (self.amp_dtype is None or self.amp_dtype in AMP_DTYPES,
+             f"amp_dtype must be one of {AMP_DTYPES} (or None: float16 on CUDA, bfloat16 on "
+             f"CPU), got {self.amp_dtype!r}"),
+            (self.amp_dtype is None or self.amp,
+             f"amp_dtype={self.amp_dtype!r} needs amp=True (--amp)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        if self.lambdas is not None:
-            # Validates the set (range, share) with the sampler's own checks.
-            DiscreteLambdaSampler(self.lambdas, self.clean_fraction)
-            if not any(v > 0 for v in self.lambdas):
-                raise ValueError(f"lambdas needs at least one λ > 0 (λ = 0 alone is plain "
-                                 f"training), got {self.lambdas}")
-        for lam in self.eval_lambdas:
-            if not 0.0 <= lam <= 1.0:
-                raise ValueError(f"eval_lambdas must be in [0, 1], got {self.eval_lambdas}")
 
 
 def default_alpha(attack: str, eps: float, steps: int) -> float:
@@ -193,7 +236,7 @@ def make_attack(model: nn.Module, config: TrainConfig) -> torchattacks.attack.At
     return cls(model, **{k: v for k, v in offered.items() if k in params})
 
 
-# -- distributed helpers ---------------------------------------------------------------------
+# -- device and distributed helpers ------------------------------------------------------------
 @dataclass
 class _Dist:
     rank: int = 0
@@ -214,44 +257,131 @@ class _Dist:
             dist.barrier()
 
 
-def _sync_buffers(model: nn.Module) -> None:
-    """Broadcast every buffer (BN running statistics, ...) from rank 0, one flat tensor per
-    dtype and device."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for buffer in model.buffers():
-        groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
-    for buffers in groups.values():
-        flat = torch.cat([b.reshape(-1) for b in buffers])
-        dist.broadcast(flat, 0)
-        offset = 0
-        for b in buffers:
-            b.copy_(flat[offset:offset + b.numel()].view_as(b))
-            offset += b.numel()
+def _device_from_spec(spec: str | None) -> torch.device | None:
+    """The device ``TrainConfig.device`` names (None: automatic), or a ``ValueError``."""
+    if spec is None:
+        return None
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (
+            device.type == "cpu" and device.index not in (None, 0)):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {spec!r}")
+    return device
 
 
-def _setup_distributed() -> _Dist:
+def _resolve_device(spec: str | None, d: _Dist) -> torch.device:
+    """The device this process trains on: ``spec`` (None: CUDA when available, else the CPU);
+    a CUDA device without an index is ``cuda:<LOCAL_RANK>`` under torchrun."""
+    device = _device_from_spec(spec) or torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} needs CUDA, which is not available here; use "
+                         "device='cpu'")
+    count = torch.cuda.device_count()
+    if device.index is None:
+        return torch.device("cuda", d.local_rank % count)
+    if d.enabled:
+        raise ValueError(f"under torchrun each process takes cuda:<LOCAL_RANK>; use "
+                         f"device='cuda', not {spec!r}")
+    if device.index >= count:
+        raise ValueError(f"device {spec!r} does not exist: {count} CUDA device(s) are visible")
+    return device
+
+
+def _setup_distributed(device_spec: str | None) -> tuple[_Dist, torch.device]:
     """Join the process group when launched by torchrun (RANK / WORLD_SIZE in the
-    environment); nccl on CUDA, gloo on CPU. A no-op for a plain single process."""
+    environment; nccl on CUDA, gloo on CPU) and pick this process's device. A plain single
+    process joins nothing."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if dist.is_available() and dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size(),
-                     int(os.environ.get("LOCAL_RANK", 0)))
+        d = _Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+        return d, _resolve_device(device_spec, d)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or "RANK" not in os.environ:
-        return _Dist()
+        d = _Dist()
+        return d, _resolve_device(device_spec, d)
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
-    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, initialised_here=True)
+    d = _Dist(int(os.environ["RANK"]), world, local_rank, initialised_here=True)
+    device = _resolve_device(device_spec, d)  # before joining: a bad device fails alone
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
 
 
-def _device(d: _Dist) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", d.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+def _collective_device(device: torch.device) -> torch.device | None:
+    """Where small tensors for collectives live: the GPU under nccl, the CPU under gloo."""
+    return device if device.type == "cuda" else None
+
+
+class _BufferSync:
+    """Broadcasts from rank 0 the buffers that training changes: the running statistics of
+    torch's norm layers (``_NormBase``: BatchNorm, InstanceNorm with running stats), i.e.
+    ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+
+    Every other buffer (FLOAT's fixed noise, FLOATS' masks, λ codes) is set up before training
+    and never changes, so DistributedDataParallel's initial broadcast keeps it equal on every
+    rank; broadcasting it every step would cost about as much as the gradient all-reduce. The
+    list is derived once; ``load_state_dict`` copies into the same tensors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.buffers = [buffer for module in model.modules() if isinstance(module, _NormBase)
+                        for buffer in module.buffers(recurse=False) if buffer is not None]
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for buffer in self.buffers:
+            groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+        self.groups = list(groups.values())
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        """Overwrite this rank's norm statistics with rank 0's (a collective: every rank
+        calls it); one flat tensor per dtype and device."""
+        for buffers in self.groups:
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            dist.broadcast(flat, 0)
+            offset = 0
+            for b in buffers:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+
+
+# -- pre-emption -------------------------------------------------------------------------------
+class _StopSignals:
+    """SIGTERM / SIGINT (cluster pre-emption, Ctrl-C) ask the run to stop after the current
+    step; a second one interrupts at once (``KeyboardInterrupt``; ``last.pt`` is then the last
+    checkpoint written). Handlers are installed only in the main thread (Python allows them
+    nowhere else; elsewhere signals keep their behaviour) and the previous ones are restored
+    on exit."""
+
+    def __init__(self) -> None:
+        self.received = 0  # signal number, 0: none
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            # None: a handler installed outside Python, which cannot be put back.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.received:
+            raise KeyboardInterrupt(f"second stop signal ({name}): stopping now")
+        self.received = signum
+        logger.warning("%s received: finishing this step, writing the checkpoint and stopping "
+                       "(send it again to stop at once)", name)
 
 
 # -- reproducibility -------------------------------------------------------------------------
@@ -308,65 +438,22 @@ def _default_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    name = config.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    return getattr(torch, name)
+
+
 # -- the loss --------------------------------------------------------------------------------
-def _by_lambda(model: ConditionalModel, fn: Callable[[torch.Tensor], torch.Tensor],
-               inputs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """``fn(inputs)`` with each sample at its λ: in one call when the method takes a
-    per-sample λ, else one call per distinct λ value (results put back in batch order)."""
-    if model.condition.per_sample_allowed:
-        model.set_lambda(lam)
-        return fn(inputs)
-    values = torch.unique(lam).tolist()
-    if len(values) == 1:
-        model.set_lambda(values[0])
-        return fn(inputs)
-    result = None
-    for value in values:
-        idx = (lam == value).nonzero().squeeze(1)
-        model.set_lambda(value)
-        out = fn(inputs[idx])
-        if result is None:
-            result = out.new_zeros((inputs.shape[0], *out.shape[1:]))
-        result = result.index_copy(0, idx, out)
-    return result
-
-
-def _attack_by_lambda(model: ConditionalModel, attack: torchattacks.attack.Attack,
-                      x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Adversarial examples with each sample attacked at its λ (grouped by λ value for
-    methods that take one λ per batch)."""
-    if model.condition.per_sample_allowed:
-        model.set_lambda(lam)
-        return attack(x, y).detach()
+def adversarial_examples(model: ConditionalModel, attack: torchattacks.attack.Attack,
+                         x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Adversarial examples with each sample attacked at its λ, one λ group at a time: each
+    group is attacked at a scalar λ, so attacks that query the model on a subset of their
+    batch (APGD, APGDT, FAB, Square, AutoAttack) see a consistent model."""
     x_adv = torch.empty_like(x)
-    for value in torch.unique(lam).tolist():
-        idx = (lam == value).nonzero().squeeze(1)
-        model.set_lambda(value)
-        x_adv[idx] = attack(x[idx], y[idx]).detach()
+    for value, idx in lambda_groups(lam):
+        with model.at(value):
+            x_adv[idx] = attack(x[idx], y[idx]).detach()
     return x_adv
-
-
-class LossForward(nn.Module):
-    """The training forward of a :class:`~oat_plugins.ConditionalModel`: ``forward(inputs,
-    lam)`` returns ``(logits, terms)``, the logits with each input at its λ (grouped by λ
-    value for methods that take one λ per batch) and the method's optional
-    ``loss_terms(model)`` as a dict of tensors. Distributed training wraps this module, so
-    everything that makes gradients runs inside the DistributedDataParallel forward."""
-
-    def __init__(self, model: ConditionalModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: torch.Tensor,
-                lam: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = _by_lambda(self.model, self.model, inputs, lam)
-        hook = getattr(self.model.method, "loss_terms", None)
-        terms = hook(self.model) if callable(hook) else None
-        if terms is None:
-            terms = {}
-        elif isinstance(terms, torch.Tensor):
-            terms = {"extra": terms}
-        return logits, dict(terms)
 
 
 def oat_loss(
@@ -377,57 +464,33 @@ def oat_loss(
     attack: torchattacks.attack.Attack,
     *,
     forward: nn.Module | None = None,
-    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    autocast: AutocastFactory | None = None,
+    attack_autocast: AutocastFactory | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """OAT's loss of one batch: ``Σ_i [(1 − λ_i)·CE(f_λi(x_i)) + λ_i·CE(f_λi(x_adv_i))] / N``.
+    """The training loss of one batch: ``attack`` is run on the λ > 0 samples only, one λ
+    group at a time at that λ (torchattacks puts the model in eval mode for it), then the
+    method's ``training_loss`` (OAT's ``Σ_i [(1 − λ_i)·CE(f_λi(x_i)) + λ_i·CE(f_λi(x_adv_i))]
+    / N`` by default) sees a :class:`~oat_plugins.losses.LossContext`.
 
-    ``x_adv`` is ``attack`` run on the λ > 0 samples only, at their λ (torchattacks puts the
-    model in eval mode for it); then one forward in the model's current mode on
-    ``[x of the λ < 1 samples ; x_adv]`` with matching per-sample λ (a clean term with weight
-    0 is not computed). Methods that take one λ per batch are run once per distinct λ. A
-    method's optional ``loss_terms(model)`` hook (a tensor or a dict of tensors) is added.
     ``forward`` is the :class:`LossForward` of ``model``, or a wrapper of it such as
-    DistributedDataParallel (default: a new ``LossForward(model)``). Leaves λ set to the last
-    forward's. Returns the loss and batch statistics.
+    DistributedDataParallel (default: a new ``LossForward(model)``). ``autocast`` returns the
+    mixed-precision context of the loss forward, ``attack_autocast`` the attack's (default:
+    none; see ``TrainConfig.amp_dtype``). λ is the same before and after. Returns the loss and
+    the batch's statistics.
     """
-    forward = LossForward(model) if forward is None else forward
     autocast = contextlib.nullcontext if autocast is None else autocast
+    attack_autocast = contextlib.nullcontext if attack_autocast is None else attack_autocast
     was_training = model.training
-    n = x.shape[0]
     adv = lam > 0
-    n_adv = int(adv.sum())
     x_adv = x[:0]
-    if n_adv:
-        with autocast():
-            # torchattacks puts the model in eval mode for the attack and restores train mode.
-            x_adv = _attack_by_lambda(model, attack, x[adv], y[adv], lam[adv])
+    if bool(adv.any()):
+        with attack_autocast():
+            x_adv = adversarial_examples(model, attack, x[adv], y[adv], lam[adv])
         if model.training != was_training:
             raise RuntimeError("the attack changed the model's train/eval mode")
-    # Clean terms of λ = 1 samples have weight 0: left out, so that (e.g. with FLOAT's
-    # sampler) the robust branch's batch statistics see only what the loss uses.
-    clean = lam < 1
-    n_clean = int(clean.sum())
-    inputs = torch.cat([x[clean], x_adv])
-    targets = torch.cat([y[clean], y[adv]])
-    lam_all = torch.cat([lam[clean], lam[adv]])
-    weights = torch.cat([1.0 - lam[clean], lam[adv]])
-    with autocast():
-        logits, terms = forward(inputs, lam_all)
-    losses = F.cross_entropy(logits.float(), targets, reduction="none")
-    loss = (weights * losses).sum() / n
-    extra_terms = {}
-    for key, value in terms.items():
-        loss = loss + value
-        extra_terms[f"loss_{key}"] = float(value.detach())
-    with torch.no_grad():
-        correct = logits.argmax(1) == targets
-        stats = {
-            "steps": 1.0, "n": float(n), "n_clean": float(n_clean), "n_adv": float(n_adv),
-            "clean_correct": float(correct[:n_clean].sum()),
-            "adv_correct": float(correct[n_clean:].sum()),
-            **extra_terms,
-        }
-    return loss, stats
+    ctx = LossContext(model, x, y, lam, x_adv,
+                      LossForward(model) if forward is None else forward, autocast)
+    return model.method.training_loss(ctx)
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -455,50 +518,6 @@ def _epoch_loader(dataset: Dataset, config: TrainConfig, d: _Dist, epoch: int,
     return DataLoader(dataset, batch_size=local_batch, sampler=_IndexSampler(indices),
                       num_workers=config.num_workers, drop_last=True, pin_memory=pin,
                       generator=generator)
-
-
-@torch.no_grad()
-def _accuracy(model: ConditionalModel, data: Dataset, lam: float, device: torch.device,
-              batch_size: int, max_samples: int) -> float:
-    correct = total = 0
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    with _lambda(model, lam):
-        for x, y in loader:
-            x, y = x.to(device)[: max_samples - total], y.to(device)[: max_samples - total]
-            correct += int((model(x).argmax(1) == y).sum())
-            total += y.numel()
-            if total >= max_samples:
-                break
-    return correct / max(total, 1)
-
-
-def _adv_accuracy(model: ConditionalModel, attack: torchattacks.attack.Attack, data: Dataset,
-                  lam: float, device: torch.device, batch_size: int, max_samples: int) -> float:
-    correct = total = 0
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    with _lambda(model, lam):
-        for x, y in loader:
-            x, y = x.to(device)[: max_samples - total], y.to(device)[: max_samples - total]
-            x_adv = attack(x, y)
-            with torch.no_grad():
-                correct += int((model(x_adv).argmax(1) == y).sum())
-            total += y.numel()
-            if total >= max_samples:
-                break
-    return correct / max(total, 1)
-
-
-@contextlib.contextmanager
-def _lambda(model: ConditionalModel, lam: float) -> Iterator[None]:
-    was_training = model.training
-    previous = model.lam
-    model.eval()
-    model.set_lambda(lam)
-    try:
-        yield
-    finally:
-        model.set_lambda(previous if isinstance(previous, float) else 0.0)
-        model.train(was_training)
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -534,274 +553,6 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
                 disable=not (enabled and sys.stderr.isatty()))
 
 
-# -- the loop ----------------------------------------------------------------------------------
-def fit(
-    model: ConditionalModel,
-    train_data: Dataset,
-    config: TrainConfig,
-    out_dir: str | os.PathLike,
-    *,
-    resume: bool = False,
-    eval_data: Dataset | None = None,
-    sampler: LambdaSampler | None = None,
-    attack: AttackFactory | None = None,
-    optimizer: OptimizerFactory | None = None,
-    scheduler: SchedulerFactory | None = None,
-) -> dict[str, Any]:
-    """Adversarially train ``model`` (any method) on ``train_data`` of (image in [0, 1], label).
-
-    Writes ``out_dir/last.pt`` (atomically, after every epoch and at ``max_steps``) holding the
-    model (``oat_plugins.load`` reads it), optimizer, scheduler, GradScaler, RNG states, epoch
-    and step, and ``metrics.jsonl`` / ``metrics.csv`` with one line per epoch.
-
-    Args:
-        model: a :class:`~oat_plugins.ConditionalModel`; moved to CUDA when available.
-        train_data: training dataset (augmentation is the dataset's transform).
-        config: :class:`TrainConfig`.
-        out_dir: directory for the checkpoint and metrics (rank 0 writes).
-        resume: continue from ``out_dir/last.pt`` if it exists (else start fresh). The
-            finished run has the same weights as an uninterrupted one (bit-identical on CPU
-            and with ``num_workers=0``; GPU kernels may be non-deterministic).
-        eval_data: evaluated after each epoch at ``config.eval_lambdas`` (clean, and under the
-            training attack when ``config.eval_adversarial``), on rank 0.
-        sampler: λ sampler; default ``config.lambdas`` if set, else the method's own.
-        attack: ``factory(model) -> torchattacks.Attack`` replacing ``config.attack``.
-        optimizer: ``factory(params) -> Optimizer`` replacing SGD.
-        scheduler: ``factory(optimizer, total_steps) -> LRScheduler`` stepped every optimizer
-            step, replacing ``config.schedule``.
-
-    Returns:
-        ``{'history': [per-epoch metrics], 'epoch': epochs done, 'global_step': steps done,
-        'checkpoint': path of last.pt, 'finished': whether all epochs ran}``. The model is
-        left in eval mode at the scalar λ it had before (0 if it had a per-sample λ).
-    """
-    if not isinstance(model, ConditionalModel):
-        raise ValueError(f"fit trains a ConditionalModel (oat_plugins.wrap), got "
-                         f"{type(model).__name__}")
-    if not isinstance(config, TrainConfig):
-        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
-    out = Path(out_dir)
-    d = _setup_distributed()
-    try:
-        return _fit(model, train_data, config, out, d, resume, eval_data, sampler, attack,
-                    optimizer, scheduler)
-    finally:
-        if d.initialised_here:
-            dist.destroy_process_group()
-
-
-def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, attack_factory,
-         optimizer_factory, scheduler_factory) -> dict[str, Any]:
-    if config.batch_size % d.world_size:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                         f"{d.world_size} processes")
-    local_batch = config.batch_size // d.world_size
-    per_rank = len(train_data) // d.world_size
-    steps_per_epoch = per_rank // local_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"the training set ({len(train_data)} samples) is smaller than one "
-                         f"batch ({config.batch_size})")
-    if lam_sampler is None and config.lambdas is not None:
-        lam_sampler = DiscreteLambdaSampler(config.lambdas, config.clean_fraction)
-    elif lam_sampler is None:
-        try:
-            lam_sampler = model.method.default_sampler()
-        except NotImplementedError:
-            raise ValueError(
-                f"method {model.method_name!r} declares no default λ sampler; pass "
-                "TrainConfig(lambdas=...) or fit(..., sampler=...)"
-            ) from None
-    n_clean = round(getattr(lam_sampler, "clean_fraction", 0.5) * local_batch)
-    if 0 < n_clean < 2 or local_batch - n_clean < 2:
-        logger.warning("only %d of the %d samples per process are at λ = 0: batch norms see "
-                       "tiny routed sub-batches; use a larger batch", n_clean, local_batch)
-    device = _device(d)
-    model.to(device)
-    final_lam = model.lam if isinstance(model.lam, float) else 0.0
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (optimizer_factory(params) if optimizer_factory is not None
-           else _default_optimizer(params, config))
-    total_steps = config.epochs * steps_per_epoch
-    sched = (scheduler_factory(opt, total_steps) if scheduler_factory is not None
-             else _default_scheduler(opt, total_steps, config.schedule))
-    use_scaler = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    lam_generator = torch.Generator()
-
-    start_epoch, start_step, global_step, history = 0, 0, 0, []
-    resumed_partial: dict[str, Any] = {}
-    ckpt_path = out / CHECKPOINT_NAME
-    d.barrier()  # rank 0 may have just created out/
-    if resume and ckpt_path.is_file():
-        state = read_checkpoint(ckpt_path, map_location="cpu")
-        if not isinstance(state, dict) or "optimizer" not in state:
-            raise ValueError(f"{os.fspath(ckpt_path)!r} is not a training checkpoint")
-        if state["model"]["method"] != model.method_name:
-            raise ValueError(f"{os.fspath(ckpt_path)!r} trained method "
-                             f"{state['model']['method']!r}, not {model.method_name!r}")
-        model.load_state_dict(state["model"]["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, start_step = state["epoch"], state["step_in_epoch"]
-        resumed_partial = state.get("epoch_partial") or {}
-        global_step = state["global_step"]
-        _set_rng_state(state["rng"], lam_generator)
-        old = state.get("config", {})
-        changed = {k: (old[k], v) for k, v in asdict(config).items()
-                   if k in old and old[k] != v and k not in ("max_steps", "progress")}
-        if changed:
-            logger.warning("resuming with a changed config (old, new): %s", changed)
-        if state.get("world_size", 1) != d.world_size and start_step:
-            logger.warning("resuming mid-epoch with %d processes instead of %d: the rest of "
-                           "that epoch's data order differs", d.world_size, state["world_size"])
-        history = _read_metrics(out, start_epoch)
-        logger.info("resumed from %s at epoch %d, step %d", ckpt_path, start_epoch, global_step)
-    elif resume:
-        logger.info("no checkpoint at %s; starting from scratch", ckpt_path)
-    elif ckpt_path.is_file() and d.is_main:
-        logger.warning("%s exists and will be overwritten (resume=True / --resume continues "
-                       "from it)", ckpt_path)
-    d.barrier()  # nobody writes last.pt before every rank has read it
-
-    net: nn.Module = LossForward(model)
-    if d.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=config.find_unused_parameters,
-            broadcast_buffers=False)  # _sync_buffers runs before the attack instead
-    atk = attack_factory(model) if attack_factory is not None else make_attack(model, config)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp)
-
-    partial: dict[str, Any] = {}  # sums and seconds of an epoch interrupted by max_steps
-
-    def save_checkpoint(epoch: int, step_in_epoch: int) -> None:
-        if not d.is_main:
-            return
-        model.set_lambda(final_lam)
-        atomic_torch_save({
-            "model": to_checkpoint(model),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if use_scaler else None,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "epoch_partial": partial if step_in_epoch else {},
-            "global_step": global_step,
-            "steps_per_epoch": steps_per_epoch,
-            "rng": _rng_state(lam_generator),
-            "config": asdict(config),
-            "sampler": lam_sampler.describe(),
-            "world_size": d.world_size,
-        }, ckpt_path)
-
-    if d.is_main:
-        logger.info("training %s (%s) for %d epochs x %d steps, batch %d on %d process(es), "
-                    "device %s, λ sampler %s", type(model.backbone).__name__, model.method_name,
-                    config.epochs, steps_per_epoch, config.batch_size, d.world_size, device,
-                    lam_sampler.describe())
-    stopped = False
-    epoch_done = start_epoch
-    for epoch in range(start_epoch, config.epochs):
-        if config.max_steps is not None and global_step >= config.max_steps:
-            stopped = True
-            break
-        skip = start_step if epoch == start_epoch else 0
-        loader = _epoch_loader(train_data, config, d, epoch, skip, local_batch,
-                               pin=device.type == "cuda")
-        model.train()
-        sums: dict[str, float] = {}
-        t0 = time.perf_counter()
-        if skip and resumed_partial:
-            if d.is_main:  # the saved sums are already summed over ranks
-                sums = dict(resumed_partial["sums"])
-            t0 -= resumed_partial["seconds"]
-        last_lr = float(opt.param_groups[0]["lr"])
-        bar = _progress(steps_per_epoch, skip, config.progress and d.is_main,
-                        f"epoch {epoch + 1}/{config.epochs}")
-        batches = iter(loader)
-        step_in_epoch = skip
-        for step_in_epoch in range(skip, steps_per_epoch):
-            if config.max_steps is not None and global_step >= config.max_steps:
-                stopped = True
-                break
-            seed = _step_seed(config.seed, epoch, step_in_epoch, d.rank)
-            torch.manual_seed(seed)  # augmentation (num_workers=0), attack random starts
-            lam_generator.manual_seed(seed)
-            x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            lam = lam_sampler(x.shape[0], lam_generator).to(device)
-            if d.enabled:
-                # Every rank attacks (eval mode) and trains with rank 0's running statistics,
-                # so a resumed run, restarted from rank 0's checkpoint, matches exactly.
-                with torch.no_grad():
-                    _sync_buffers(model)
-            loss, stats = oat_loss(model, x, y, lam, atk, forward=net, autocast=autocast)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(params, config.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            last_lr = float(opt.param_groups[0]["lr"])
-            sched.step()
-            global_step += 1
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, "
-                                         f"step {global_step}")
-            stats["loss_sum"] = loss_value * stats["n"]
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + value
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-            if d.is_main and config.log_every and global_step % config.log_every == 0:
-                logger.info("epoch %d step %d/%d loss %.4f lr %.4g", epoch + 1,
-                            step_in_epoch + 1, steps_per_epoch, loss_value,
-                            opt.param_groups[0]["lr"])
-        else:
-            step_in_epoch = steps_per_epoch
-        bar.close()
-        model.set_lambda(final_lam)
-        if d.enabled:
-            # DDP keeps parameters in sync; buffers (BN running statistics) are broadcast from
-            # rank 0 only at the next forward. Sync them now, so every rank holds the model
-            # that rank 0 checkpoints and evaluates.
-            with torch.no_grad():
-                _sync_buffers(model)
-        if stopped and step_in_epoch < steps_per_epoch:
-            partial.update(sums=_reduce_sums(sums, d, device), seconds=time.perf_counter() - t0)
-            save_checkpoint(epoch, step_in_epoch)
-            d.barrier()
-            logger.info("stopped at max_steps=%s (epoch %d, step %d of %d)", config.max_steps,
-                        epoch + 1, step_in_epoch, steps_per_epoch)
-            break
-        record = _epoch_record(epoch, sums, last_lr, time.perf_counter() - t0, d, device)
-        if eval_data is not None and d.is_main:
-            record.update(_evaluate(model, eval_data, config, local_batch, device, atk))
-        save_checkpoint(epoch + 1, 0)
-        history.append(record)  # the same training metrics on every rank (all-reduced)
-        if d.is_main:
-            _write_metrics(out, history)
-            logger.info("epoch %d: %s", epoch + 1, ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                for k, v in record.items() if k != "epoch"))
-        d.barrier()
-        epoch_done = epoch + 1
-    model.set_lambda(final_lam)
-    model.eval()
-    return {"history": history, "epoch": epoch_done, "global_step": global_step,
-            "checkpoint": os.fspath(ckpt_path), "finished": epoch_done >= config.epochs}
-
-
 def _reduce_sums(sums: dict[str, float], d: _Dist, device: torch.device) -> dict[str, float]:
     """Sum the per-rank epoch sums over all ranks (a collective: every rank calls it)."""
     if not d.enabled:
@@ -810,7 +561,7 @@ def _reduce_sums(sums: dict[str, float], d: _Dist, device: torch.device) -> dict
     dist.all_gather_object(gathered, sorted(sums))
     keys = sorted(set().union(*gathered))
     totals = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64,
-                          device=device if device.type == "cuda" else None)
+                          device=_collective_device(device))
     dist.all_reduce(totals)
     return dict(zip(keys, totals.tolist(), strict=True))
 
@@ -834,18 +585,476 @@ def _epoch_record(epoch: int, sums: dict[str, float], lr: float, seconds: float,
     return record
 
 
-def _evaluate(model: ConditionalModel, data: Dataset, config: TrainConfig, batch_size: int,
-              device: torch.device, atk: torchattacks.attack.Attack) -> dict[str, float]:
-    results: dict[str, float] = {}
-    state = torch.get_rng_state()
-    for lam in config.eval_lambdas:
-        results[f"eval_clean_acc@{lam:g}"] = _accuracy(
-            model, data, lam, device, batch_size, config.eval_max_samples)
-        if config.eval_adversarial:
-            results[f"eval_adv_acc@{lam:g}"] = _adv_accuracy(
-                model, atk, data, lam, device, batch_size, config.eval_max_samples)
-    torch.set_rng_state(state)
-    return results
+# -- the loop ----------------------------------------------------------------------------------
+def fit(
+    model: ConditionalModel,
+    train_data: Dataset,
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    eval_data: Dataset | None = None,
+    sampler: LambdaSampler | None = None,
+    attack: AttackFactory | None = None,
+    optimizer: OptimizerFactory | None = None,
+    scheduler: SchedulerFactory | None = None,
+) -> dict[str, Any]:
+    """Adversarially train ``model`` (any method) on ``train_data`` of (image in [0, 1], label).
+
+    Writes ``out_dir/last.pt`` (atomically, after every epoch, every
+    ``config.save_every_steps`` steps / ``save_every_minutes`` minutes, at ``max_steps`` and
+    on SIGTERM / SIGINT) holding the model (``oat_plugins.load`` reads it), optimizer,
+    scheduler, GradScaler, RNG states, epoch and step, and ``metrics.jsonl`` /
+    ``metrics.csv`` with one line per epoch.
+
+    Args:
+        model: a :class:`~oat_plugins.ConditionalModel`; moved to ``config.device``.
+        train_data: training dataset (augmentation is the dataset's transform).
+        config: :class:`TrainConfig`.
+        out_dir: directory for the checkpoint and metrics (rank 0 writes).
+        resume: continue from ``out_dir/last.pt`` if it exists (else start fresh). The
+            finished run has the same weights as an uninterrupted one (bit-identical on CPU
+            and with ``num_workers=0``; GPU kernels may be non-deterministic).
+        eval_data: evaluated after each epoch with :func:`oat_plugins.evaluate.evaluate` at
+            ``config.eval_lambdas`` (clean, and under the training attack when
+            ``config.eval_adversarial``), on rank 0.
+        sampler: λ sampler; default ``config.lambdas`` if set, else the method's own.
+        attack: ``factory(model) -> torchattacks.Attack`` replacing ``config.attack``.
+        optimizer: ``factory(params) -> Optimizer`` replacing SGD.
+        scheduler: ``factory(optimizer, total_steps) -> LRScheduler`` stepped every optimizer
+            step, replacing ``config.schedule``.
+
+    Returns:
+        ``{'history': [per-epoch metrics], 'epoch': epochs done, 'global_step': steps done,
+        'checkpoint': path of last.pt, 'finished': whether all epochs ran, 'stopped_by': None,
+        'max_steps', 'SIGTERM' or 'SIGINT'}``. A stop signal finishes the current step, writes
+        ``last.pt`` and returns (``finished`` False); ``resume=True`` continues from there.
+        The model is left in eval mode at the λ it had before.
+    """
+    if not isinstance(model, ConditionalModel):
+        raise ValueError(f"fit trains a ConditionalModel (oat_plugins.wrap), got "
+                         f"{type(model).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    d, device = _setup_distributed(config.device)
+    try:
+        run = _Run(model, train_data, config, Path(out_dir), d, device, eval_data=eval_data,
+                   sampler=sampler, attack=attack, optimizer=optimizer, scheduler=scheduler)
+        checkpoint = run.setup(resume)
+        if checkpoint is not None:
+            run.resume(checkpoint)
+        return run.train()
+    finally:
+        if d.initialised_here:
+            dist.destroy_process_group()
+
+
+class _Run:
+    """One training run: its state (model, optimizer, scheduler, scaler, sampler, attack,
+    processes, position) and the named steps :func:`fit` runs: :meth:`setup`, :meth:`resume`,
+    then :meth:`train` (:meth:`run_epoch` / :meth:`end_epoch` per epoch, :meth:`train_step`
+    per batch, :meth:`save_checkpoint` when due)."""
+
+    def __init__(self, model: ConditionalModel, train_data: Dataset, config: TrainConfig,
+                 out: Path, d: _Dist, device: torch.device, *, eval_data: Dataset | None,
+                 sampler: LambdaSampler | None, attack: AttackFactory | None,
+                 optimizer: OptimizerFactory | None,
+                 scheduler: SchedulerFactory | None) -> None:
+        self.model, self.train_data, self.config, self.out = model, train_data, config, out
+        self.d, self.device, self.eval_data, self.sampler = d, device, eval_data, sampler
+        self.factories = (optimizer, scheduler)
+
+        def training_attack(m: nn.Module) -> torchattacks.attack.Attack:
+            return make_attack(m, config)
+
+        self.attack_factory = attack if attack is not None else training_attack
+        self.amp_dtype = _amp_dtype(config, device)
+        self.ckpt_path = out / CHECKPOINT_NAME
+        self.local_batch = config.batch_size // d.world_size
+        self.steps_per_epoch = 0
+        self.lam_generator = torch.Generator()
+        # Position: epochs done, steps done in the current epoch, optimizer steps in total.
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.sums: dict[str, float] = {}  # this rank's statistics of the current epoch
+        self.epoch_seconds = 0.0  # seconds spent in the current epoch before this process
+        self.last_lr = 0.0  # learning rate of the last step taken
+        self.last_save = time.monotonic()
+        self.stopped_by: str | None = None
+        self.signals = _StopSignals()
+
+    # -- set-up ----------------------------------------------------------------------------
+    def setup(self, resume: bool) -> dict[str, Any] | None:
+        """Check data and sampler, move the model to its device, load the model weights of
+        ``last.pt`` when resuming (before the method's ``prepare``, which then finds nothing
+        pending), let the method finish its data-driven set-up, and build the optimizer,
+        scheduler, GradScaler, training forward (DDP) and attack. Returns the checkpoint to
+        resume from (None: a fresh start)."""
+        self._check_data()
+        self.sampler = self._choose_sampler()
+        self.model.to(self.device)
+        if self.d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.d.barrier()  # rank 0 may have just created out/
+        checkpoint = self._read_checkpoint(resume)
+        self.d.barrier()  # nobody writes last.pt before every rank has read it
+        if checkpoint is not None:
+            self._load_model(checkpoint)
+        self._prepare_method()
+        self._build_optimisation()
+        self._build_forward()
+        return checkpoint
+
+    def _check_data(self) -> None:
+        c, d = self.config, self.d
+        if c.batch_size % d.world_size:
+            raise ValueError(f"batch_size {c.batch_size} is not divisible by the "
+                             f"{d.world_size} processes")
+        self.steps_per_epoch = len(self.train_data) // d.world_size // self.local_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set ({len(self.train_data)} samples) is smaller "
+                             f"than one batch ({c.batch_size})")
+
+    def _choose_sampler(self) -> LambdaSampler:
+        sampler = self.sampler
+        if sampler is None and self.config.lambdas is not None:
+            sampler = DiscreteLambdaSampler(self.config.lambdas, self.config.clean_fraction)
+        elif sampler is None:
+            try:
+                sampler = self.model.method.default_sampler()
+            except NotImplementedError:
+                raise ValueError(
+                    f"method {self.model.method_name!r} declares no default λ sampler; pass "
+                    "TrainConfig(lambdas=...) or fit(..., sampler=...)"
+                ) from None
+        self.model.method.check_sampler(sampler)
+        n_clean = round(getattr(sampler, "clean_fraction", 0.5) * self.local_batch)
+        if 0 < n_clean < 2 or self.local_batch - n_clean < 2:
+            logger.warning("only %d of the %d samples per process are at λ = 0: batch norms "
+                           "see tiny routed sub-batches; use a larger batch", n_clean,
+                           self.local_batch)
+        return sampler
+
+    def _prepare_method(self) -> None:
+        """The method's data-driven set-up (e.g. FLOATS' SNIP masks) on the first
+        ``local_batch`` training samples in order, augmented under the run's seed: the same
+        batch on every rank and in every run."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            x, y = next(iter(DataLoader(self.train_data, batch_size=self.local_batch)))
+        self.model.method.prepare(self.model, x.to(self.device), y.to(self.device))
+
+    def _build_optimisation(self) -> None:
+        optimizer_factory, scheduler_factory = self.factories
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = (optimizer_factory(self.params) if optimizer_factory is not None
+                          else _default_optimizer(self.params, self.config))
+        total_steps = self.config.epochs * self.steps_per_epoch
+        self.scheduler = (
+            scheduler_factory(self.optimizer, total_steps) if scheduler_factory is not None
+            else _default_scheduler(self.optimizer, total_steps, self.config.schedule))
+        # float16 gradients need loss scaling; bfloat16 has float32's exponent range.
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.config.amp and self.amp_dtype == torch.float16)
+        self.last_lr = float(self.optimizer.param_groups[0]["lr"])
+
+    def _build_forward(self) -> None:
+        self.net: nn.Module = LossForward(self.model)
+        if self.d.enabled:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.config.find_unused_parameters,
+                broadcast_buffers=False)  # self.sync_buffers runs before the attack instead
+        self.sync_buffers = _BufferSync(self.model)
+        self.attack = self.attack_factory(self.model)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision of the loss forward (a no-op without ``config.amp``)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.config.amp)
+
+    def attack_autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision of the attack: bfloat16 only. The attack's input gradient is not
+        loss-scaled, so under float16 it can underflow to zero; it then runs in float32."""
+        if self.amp_dtype == torch.bfloat16:
+            return self.autocast()
+        return contextlib.nullcontext()
+
+    # -- resume ----------------------------------------------------------------------------
+    def _read_checkpoint(self, resume: bool) -> dict[str, Any] | None:
+        path = self.ckpt_path
+        if not resume:
+            if path.is_file() and self.d.is_main:
+                logger.warning("%s exists and will be overwritten (resume=True / --resume "
+                               "continues from it)", path)
+            return None
+        if not path.is_file():
+            logger.info("no checkpoint at %s; starting from scratch", path)
+            return None
+        state = read_checkpoint(path, map_location="cpu")
+        required = ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step",
+                    "rng")
+        missing = [k for k in required if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise ValueError(f"{os.fspath(path)!r} is not a training checkpoint of "
+                             f"oat_plugins.train.fit (missing {missing})")
+        if state["model"].get("method") != self.model.method_name:
+            raise ValueError(f"{os.fspath(path)!r} trained method "
+                             f"{state['model'].get('method')!r}, not "
+                             f"{self.model.method_name!r}")
+        return state
+
+    def _load_model(self, state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"]["state_dict"])
+        except RuntimeError as err:
+            raise ValueError(f"{os.fspath(self.ckpt_path)!r} does not match this model (other "
+                             f"backbone or method options?): {str(err)[:300]}") from None
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (``last.pt``, model weights already loaded): optimizer,
+        scheduler, GradScaler, position, RNG states, the interrupted epoch's statistics and
+        the metrics of the finished epochs."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        partial = state.get("epoch_partial") or {}
+        if self.step_in_epoch and partial:
+            if self.d.is_main:  # the saved sums are already summed over ranks
+                self.sums = dict(partial["sums"])
+            self.epoch_seconds = partial["seconds"]
+            self.last_lr = partial.get("lr", self.last_lr)
+        _set_rng_state(state["rng"], self.lam_generator)
+        self._warn_about_changes(state)
+        self.history = _read_metrics(self.out, self.epoch)
+        logger.info("resumed from %s at epoch %d, step %d", self.ckpt_path, self.epoch,
+                    self.global_step)
+
+    def _warn_about_changes(self, state: dict[str, Any]) -> None:
+        old = state.get("config", {})
+        changed = {k: (old[k], v) for k, v in asdict(self.config).items()
+                   if k in old and old[k] != v and k not in _RUNTIME_FIELDS}
+        if changed:
+            logger.warning("resuming with a changed config (old, new): %s", changed)
+        if state.get("world_size", 1) != self.d.world_size and self.step_in_epoch:
+            logger.warning("resuming mid-epoch with %d processes instead of %d: the rest of "
+                           "that epoch's data order differs", self.d.world_size,
+                           state.get("world_size", 1))
+
+    # -- training --------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Epochs until ``config.epochs``, ``max_steps`` or a stop signal; the result of
+        :func:`fit`."""
+        self._log_start()
+        with self.signals:
+            while self.epoch < self.config.epochs:
+                if self._max_steps_reached():
+                    self.stopped_by = "max_steps"
+                    break
+                self.run_epoch()
+                if self.stopped_by is not None:
+                    break
+                self.end_epoch()
+                if self._stop_between_epochs():
+                    break
+        self.model.eval()
+        self.d.barrier()
+        return {"history": self.history, "epoch": self.epoch, "global_step": self.global_step,
+                "checkpoint": os.fspath(self.ckpt_path),
+                "finished": self.epoch >= self.config.epochs, "stopped_by": self.stopped_by}
+
+    def _log_start(self) -> None:
+        if self.d.is_main:
+            logger.info("training %s (%s) for %d epochs x %d steps, batch %d on %d "
+                        "process(es), device %s, λ sampler %s",
+                        type(self.model.backbone).__name__, self.model.method_name,
+                        self.config.epochs, self.steps_per_epoch, self.config.batch_size,
+                        self.d.world_size, self.device, self.sampler.describe())
+
+    def run_epoch(self) -> None:
+        """Train the rest of the current epoch, from ``step_in_epoch``; a stop (``max_steps``
+        mid-epoch, a signal) ends it early, after a checkpoint."""
+        loader = _epoch_loader(self.train_data, self.config, self.d, self.epoch,
+                               self.step_in_epoch, self.local_batch,
+                               pin=self.device.type == "cuda")
+        self.model.train()
+        started = time.perf_counter() - self.epoch_seconds
+        bar = _progress(self.steps_per_epoch, self.step_in_epoch,
+                        self.config.progress and self.d.is_main,
+                        f"epoch {self.epoch + 1}/{self.config.epochs}")
+        batches = iter(loader)
+        try:
+            while self.step_in_epoch < self.steps_per_epoch:
+                self._seed_step()  # before the batch: seeds its augmentation (num_workers=0)
+                x, y = next(batches)
+                loss = self.train_step(x, y)
+                self.epoch_seconds = time.perf_counter() - started
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if self._after_step():
+                    break
+        finally:
+            bar.close()
+
+    def _seed_step(self) -> None:
+        seed = _step_seed(self.config.seed, self.epoch, self.step_in_epoch, self.d.rank)
+        torch.manual_seed(seed)  # augmentation, attack random starts
+        self.lam_generator.manual_seed(seed)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on a batch; returns its loss."""
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        lam = self.sampler(x.shape[0], self.lam_generator).to(self.device)
+        if self.d.enabled:
+            # Every rank attacks (eval mode) and trains with rank 0's running statistics, so
+            # a resumed run, restarted from rank 0's checkpoint, matches exactly.
+            self.sync_buffers()
+        loss, stats = oat_loss(self.model, x, y, lam, self.attack, forward=self.net,
+                               autocast=self.autocast, attack_autocast=self.attack_autocast)
+        self._optimizer_step(loss)
+        self.step_in_epoch += 1
+        self.global_step += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value} at epoch {self.epoch + 1}, "
+                                     f"step {self.global_step}")
+        stats["loss_sum"] = value * stats["n"]
+        for key, number in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + number
+        every = self.config.log_every
+        if self.d.is_main and every and self.global_step % every == 0:
+            logger.info("epoch %d step %d/%d loss %.4f lr %.4g", self.epoch + 1,
+                        self.step_in_epoch, self.steps_per_epoch, value, self.last_lr)
+        return value
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.last_lr = float(self.optimizer.param_groups[0]["lr"])
+        self.scheduler.step()
+
+    # -- stopping and checkpoints ----------------------------------------------------------
+    def _max_steps_reached(self) -> bool:
+        return self.config.max_steps is not None and self.global_step >= self.config.max_steps
+
+    def _save_due(self) -> bool:
+        c = self.config
+        if c.save_every_steps is not None and self.global_step % c.save_every_steps == 0:
+            return True
+        return (c.save_every_minutes is not None
+                and time.monotonic() - self.last_save >= 60.0 * c.save_every_minutes)
+
+    def _agree(self, signum: int, save_due: bool) -> tuple[int, bool]:
+        """(stop signal, checkpoint due) as every rank sees them together: a signal or a
+        clock reaches ranks at different steps, but all must stop or save at the same one."""
+        if not self.d.enabled:
+            return signum, save_due
+        flags = torch.tensor([signum, int(save_due)], dtype=torch.int64,
+                             device=_collective_device(self.device))
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return int(flags[0]), bool(flags[1])
+
+    def _after_step(self) -> bool:
+        """Write a checkpoint when one is due or the run must stop; True to stop now. A run
+        that reaches ``max_steps`` at the end of an epoch finishes that epoch first; a signal
+        stops even there (the checkpoint then holds the finished epoch, recorded on resume)."""
+        signum, save_due = self._agree(self.signals.received, self._save_due())
+        mid_epoch = self.step_in_epoch < self.steps_per_epoch
+        if signum:
+            self.stopped_by = signal.Signals(signum).name
+        elif mid_epoch and self._max_steps_reached():
+            self.stopped_by = "max_steps"
+        if self.stopped_by is not None or (save_due and mid_epoch):
+            self.save_checkpoint()
+        if self.stopped_by is not None and self.d.is_main:
+            logger.info("stopped by %s at epoch %d, step %d of %d; wrote %s", self.stopped_by,
+                        self.epoch + 1, self.step_in_epoch, self.steps_per_epoch,
+                        self.ckpt_path)
+        return self.stopped_by is not None
+
+    def _stop_between_epochs(self) -> bool:
+        """A signal that arrived during the end of an epoch stops before the next (the
+        epoch's checkpoint is already written)."""
+        signum, _ = self._agree(self.signals.received, False)
+        if signum:
+            self.stopped_by = signal.Signals(signum).name
+        return bool(signum)
+
+    def save_checkpoint(self) -> None:
+        """Write ``last.pt`` at the current position (rank 0 writes; every rank calls it:
+        a mid-epoch checkpoint sums the epoch's statistics over the ranks)."""
+        partial: dict[str, Any] = {}
+        if self.step_in_epoch:
+            partial = {"sums": _reduce_sums(self.sums, self.d, self.device),
+                       "seconds": self.epoch_seconds, "lr": self.last_lr}
+        self.last_save = time.monotonic()
+        if not self.d.is_main:
+            return
+        atomic_torch_save({
+            "model": to_checkpoint(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "epoch_partial": partial,
+            "global_step": self.global_step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "rng": _rng_state(self.lam_generator),
+            "config": asdict(self.config),
+            "sampler": self.sampler.describe(),
+            "world_size": self.d.world_size,
+        }, self.ckpt_path)
+
+    # -- end of an epoch -------------------------------------------------------------------
+    def end_epoch(self) -> None:
+        """Record the finished epoch: its metrics (summed over ranks), the evaluation on
+        ``eval_data`` (rank 0), ``metrics.jsonl`` / ``.csv``, then ``last.pt``."""
+        if self.d.enabled:
+            # DDP keeps parameters in sync; norm statistics are broadcast from rank 0 only
+            # before each step. Sync them now, so every rank holds the model that rank 0
+            # evaluates and checkpoints.
+            self.sync_buffers()
+        record = _epoch_record(self.epoch, self.sums, self.last_lr, self.epoch_seconds,
+                               self.d, self.device)
+        if self.eval_data is not None and self.d.is_main:
+            record.update(self._evaluate())
+        self.history.append(record)  # the same training metrics on every rank (all-reduced)
+        self.epoch, self.step_in_epoch, self.sums, self.epoch_seconds = self.epoch + 1, 0, {}, 0.0
+        if self.d.is_main:
+            # Metrics first: a crash before last.pt is written resumes the previous epoch,
+            # whose resume drops this line again.
+            _write_metrics(self.out, self.history)
+            logger.info("epoch %d: %s", self.epoch, ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in record.items() if k != "epoch"))
+        self.save_checkpoint()
+        self.d.barrier()
+
+    def _evaluate(self) -> dict[str, float]:
+        """Clean accuracy, and with ``eval_adversarial`` accuracy under (a fresh instance
+        of) the training attack, on ``eval_data`` at ``config.eval_lambdas``."""
+        c = self.config
+        # Without eval_adversarial, torchattacks' VANILA (the identity) stands in for the
+        # attack; its robust column equals the clean one and is not recorded.
+        attack = self.attack_factory if c.eval_adversarial else torchattacks.VANILA
+        result = evaluate(self.model, self.eval_data, c.eval_lambdas, attack=attack,
+                          n_examples=c.eval_max_samples, batch_size=self.local_batch,
+                          seed=c.seed, progress=False)
+        record: dict[str, float] = {}
+        for row in result:
+            record[f"eval_clean_acc@{row.lam:g}"] = row.clean_acc
+            if c.eval_adversarial:
+                record[f"eval_adv_acc@{row.lam:g}"] = row.robust_acc
+        return record
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,9 +21,18 @@ from torch import nn
 
 import oat_plugins
 from oat_plugins.cli import main as cli_main
+from oat_plugins.evaluate import evaluate
+from oat_plugins.layers.weight_mask import weight_masks
 from oat_plugins.methods.film import Film
 from oat_plugins.samplers import DiscreteLambdaSampler
-from oat_plugins.train import TrainConfig, default_alpha, fit, make_attack, oat_loss
+from oat_plugins.train import (
+    TrainConfig,
+    _BufferSync,
+    default_alpha,
+    fit,
+    make_attack,
+    oat_loss,
+)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, os.fspath(HERE))
@@ -48,6 +58,16 @@ def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 3-epoch run of the tiny model: what every resumed run must match."""
+    out = tmp_path_factory.mktemp("reference")
+    model = tiny_model()
+    result = fit(model, tiny_data(), tiny_config(epochs=3), out)
+    return {"state": _state(model), "history": result["history"],
+            "checkpoint": torch.load(out / "last.pt", weights_only=True)}
+
+
 def test_fit_trains_film_and_writes_checkpoint_and_metrics(tmp_path):
     model = tiny_model()
     before = _state(model)
@@ -71,6 +91,14 @@ def test_fit_trains_film_and_writes_checkpoint_and_metrics(tmp_path):
     assert records[0]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 2 / 6)))
     csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert csv_lines[0].startswith("epoch,loss") and len(csv_lines) == 3
+    # The per-epoch evaluation is oat_plugins.evaluate with the training attack.
+    config = tiny_config(epochs=2)
+    sweep = evaluate(model, tiny_data(16, "test"), (0.0, 1.0),
+                     attack=lambda m: make_attack(m, config), n_examples=1000,
+                     batch_size=BATCH, seed=config.seed, progress=False)
+    for row in sweep:
+        assert records[-1][f"eval_clean_acc@{row.lam:g}"] == row.clean_acc
+        assert records[-1][f"eval_adv_acc@{row.lam:g}"] == row.robust_acc
 
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == 2 * STEPS_PER_EPOCH
@@ -107,17 +135,21 @@ class _RecordingFGSM(torchattacks.FGSM):
 
 
 class ScalarFilm(Film):
-    """``film`` restricted to one λ per batch, like a method without per-sample λ (not
-    registered: built directly)."""
+    """``film`` serving a per-sample λ by one forward per λ group, like a method whose
+    weights depend on λ (not registered: built directly)."""
 
-    per_sample = False
+    lambda_groups = True
+
+
+def _groupnorm_backbone() -> nn.Module:
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, channels=(8, 16, 32, 64),
+                  stem_width=8, norm_layer=lambda c: nn.GroupNorm(4, c))
 
 
 def _groupnorm_model(per_sample: bool = True) -> oat_plugins.ConditionalModel:
     """Per-sample independent norms, so a batch equals its samples one by one."""
     torch.manual_seed(0)
-    backbone = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, channels=(8, 16, 32, 64),
-                      stem_width=8, norm_layer=lambda c: nn.GroupNorm(4, c))
+    backbone = _groupnorm_backbone()
     if per_sample:
         return oat_plugins.wrap(backbone, "film", normalize=None)
     return oat_plugins.ConditionalModel(backbone, ScalarFilm(), normalize=None)
@@ -131,16 +163,11 @@ def test_oat_loss_is_the_per_sample_formula(per_sample):
     attack = _RecordingFGSM(model, eps=8 / 255)
     loss, stats = oat_loss(model, x, y, lam, attack)
 
-    # The attack saw only the λ > 0 samples, at their λ, in eval mode; train mode is back.
+    # The attack saw only the λ > 0 samples, in eval mode, one distinct λ at a time (each at
+    # a scalar λ, so attacks that query subsets of their batch work); train mode is back.
     assert all(not training for _, training, _ in attack.calls)
-    if per_sample:
-        assert len(attack.calls) == 1
-        n_attacked, _, lam_during_attack = attack.calls[0]
-        assert n_attacked == 4 and torch.equal(lam_during_attack, lam[lam > 0])
-    else:  # one attack per distinct λ > 0, each at a scalar λ
-        assert sorted((lam_seen, n) for n, _, lam_seen in attack.calls) == [
-            (pytest.approx(0.1), 1), (pytest.approx(0.2), 1), (pytest.approx(0.4), 1),
-            (1.0, 1)]
+    assert sorted((lam_seen, n) for n, _, lam_seen in attack.calls) == [
+        (pytest.approx(0.1), 1), (pytest.approx(0.2), 1), (pytest.approx(0.4), 1), (1.0, 1)]
     assert model.training
     assert stats["n"] == 6 and stats["n_adv"] == 4 and stats["n_clean"] == 5  # λ=1: no clean
 
@@ -158,40 +185,97 @@ def test_oat_loss_is_the_per_sample_formula(per_sample):
     torch.testing.assert_close(loss, expected / 6, rtol=1e-4, atol=1e-5)
 
 
-def test_a_method_loss_terms_hook_is_added():
+class RegularisedFilm(Film):
+    """A method whose training loss adds a term computed from the loss context."""
+
+    def training_loss(self, ctx):
+        loss, stats = super().training_loss(ctx)
+        reg = 0.5 * ctx.lam.mean()  # sees the batch's λ
+        return loss + reg, {**stats, "loss_reg": float(reg)}
+
+
+def test_a_method_training_loss_hook_is_used():
+    torch.manual_seed(0)
     model = _groupnorm_model().train()
+    hooked = oat_plugins.ConditionalModel(_groupnorm_backbone(), RegularisedFilm(),
+                                          normalize=None).train()
+    hooked.load_state_dict(model.state_dict())
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
     lam = torch.tensor([0.0, 1.0, 0.0, 1.0])
     base, _ = oat_loss(model, x, y, lam, torchattacks.FGSM(model, eps=1 / 255))
-    model.method.loss_terms = lambda m: {"reg": torch.tensor(0.5)}
-    try:
-        with_hook, stats = oat_loss(model, x, y, lam, torchattacks.FGSM(model, eps=1 / 255))
-    finally:
-        del model.method.loss_terms
-    torch.testing.assert_close(with_hook, base + 0.5)
-    assert stats["loss_reg"] == 0.5
+    with_hook, stats = oat_loss(hooked, x, y, lam, torchattacks.FGSM(hooked, eps=1 / 255))
+    torch.testing.assert_close(with_hook, base + 0.25)
+    assert stats["loss_reg"] == 0.25
+
+
+@pytest.mark.parametrize("name", ["APGD", "Square"])
+def test_attacks_that_query_part_of_their_batch_train(name):
+    """APGD and Square call the model on the samples it still classifies correctly only.
+    With the whole per-sample λ set during the attack that failed ("per-sample λ has 8
+    entries but the batch has 4 samples"); attacked one λ group at a time, at a scalar λ,
+    they train."""
+    model = _groupnorm_model()
+    x = torch.rand(10, 3, 32, 32)
+    lam = torch.tensor([0.0, 0.2, 0.2, 1.0, 1.0, 0.2, 1.0, 0.0, 0.2, 1.0])
+    model.eval()
+    with torch.no_grad(), model.at(lam):
+        predicted = model(x).argmax(1)
+    # Right labels for the even samples, wrong ones for the odd: every λ > 0 group then holds
+    # samples the model classifies correctly and samples it does not.
+    y = torch.where(torch.arange(10) % 2 == 0, predicted, (predicted + 1) % 10)
+    for value in (0.2, 1.0):
+        group = lam == value
+        with torch.no_grad(), model.at(value):
+            correct = model(x[group]).argmax(1) == y[group]
+        assert 0 < int(correct.sum()) < int(group.sum())
+    attack = (torchattacks.APGD(model, eps=8 / 255, steps=2) if name == "APGD"
+              else torchattacks.Square(model, eps=8 / 255, n_queries=5))
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = _state(model)
+    loss, stats = oat_loss(model, x, y, lam, attack)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and stats["n_adv"] == 8
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("stop_at", [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 1])
-def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, stop_at):
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, reference, stop_at):
     """Stop at an epoch boundary or mid-epoch (max_steps), resume: bit-identical weights,
     optimizer state and metrics."""
-    reference = tiny_model()
-    ref_result = fit(reference, tiny_data(), tiny_config(epochs=3), tmp_path / "ref")
-
     first = tiny_model()
-    partial = fit(first, tiny_data(), tiny_config(epochs=3, max_steps=stop_at), tmp_path / "r")
+    partial = fit(first, tiny_data(), tiny_config(epochs=3, max_steps=stop_at), tmp_path)
     assert not partial["finished"] and partial["global_step"] == stop_at
+    assert partial["stopped_by"] == "max_steps"
     resumed = tiny_model(seed=123)  # different initial weights: everything comes from last.pt
-    result = fit(resumed, tiny_data(), tiny_config(epochs=3), tmp_path / "r", resume=True)
+    result = fit(resumed, tiny_data(), tiny_config(epochs=3), tmp_path, resume=True)
     assert result["finished"] and result["global_step"] == 3 * STEPS_PER_EPOCH
-    _assert_same_state(_state(reference), _state(resumed))
+    _assert_same_state(reference["state"], _state(resumed))
 
-    ref_ckpt = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
-    ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
-    for k, v in ref_ckpt["optimizer"]["state"].items():
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    for k, v in reference["checkpoint"]["optimizer"]["state"].items():
         assert torch.equal(v["momentum_buffer"], ckpt["optimizer"]["state"][k]["momentum_buffer"])
-    assert [r["loss"] for r in result["history"]] == [r["loss"] for r in ref_result["history"]]
+    assert result["history"] == [
+        {**r, "seconds": h["seconds"]} for r, h in zip(reference["history"], result["history"],
+                                                      strict=True)]
+
+
+def test_an_old_checkpoint_resumes(tmp_path, reference):
+    """A mid-epoch last.pt of the previous release (no device/amp_dtype/save_every_* in its
+    config, no learning rate in its epoch_partial) still resumes exactly."""
+    fit(tiny_model(), tiny_data(), tiny_config(epochs=3, max_steps=STEPS_PER_EPOCH + 1),
+        tmp_path)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    for key in ("device", "amp_dtype", "save_every_steps", "save_every_minutes"):
+        del ckpt["config"][key]
+    del ckpt["epoch_partial"]["lr"]
+    torch.save(ckpt, tmp_path / "last.pt")
+    resumed = tiny_model(seed=3)
+    result = fit(resumed, tiny_data(), tiny_config(epochs=3), tmp_path, resume=True)
+    assert result["finished"]
+    _assert_same_state(reference["state"], _state(resumed))
+    assert [r["lr"] for r in result["history"]] == [r["lr"] for r in reference["history"]]
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
@@ -199,12 +283,15 @@ def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
     assert result["finished"] and (tmp_path / "last.pt").is_file()
 
 
-def test_resume_rejects_a_checkpoint_of_another_method(tmp_path):
+def test_resume_rejects_a_checkpoint_of_another_method_or_no_training_checkpoint(tmp_path):
     fit(tiny_model(), tiny_data(), tiny_config(epochs=1, max_steps=1), tmp_path)
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     ckpt["model"]["method"] = "other"
     torch.save(ckpt, tmp_path / "last.pt")
     with pytest.raises(ValueError, match="'other'"):
+        fit(tiny_model(), tiny_data(), tiny_config(epochs=1), tmp_path, resume=True)
+    oat_plugins.save(tiny_model(), tmp_path / "last.pt")  # a model file, not a training one
+    with pytest.raises(ValueError, match=r"not a training checkpoint .*missing \['optimizer'"):
         fit(tiny_model(), tiny_data(), tiny_config(epochs=1), tmp_path, resume=True)
 
 
@@ -214,7 +301,7 @@ def _env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
-def test_resume_after_a_killed_process_matches_an_uninterrupted_run(tmp_path):
+def test_resume_after_a_killed_process_matches_an_uninterrupted_run(tmp_path, reference):
     out = tmp_path / "killed"
     kill_at = STEPS_PER_EPOCH + 2  # in the middle of the second epoch
     proc = subprocess.run(
@@ -227,10 +314,99 @@ def test_resume_after_a_killed_process_matches_an_uninterrupted_run(tmp_path):
 
     resumed = tiny_model(seed=5)
     fit(resumed, tiny_data(), tiny_config(epochs=3), out, resume=True)
-    reference = tiny_model()
-    fit(reference, tiny_data(), tiny_config(epochs=3), tmp_path / "ref")
-    _assert_same_state(_state(reference), _state(resumed))
+    _assert_same_state(reference["state"], _state(resumed))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_exactly(tmp_path, reference):
+    """Pre-emption: SIGTERM arrives in the middle of step 5 (epoch 2); the run finishes that
+    step, writes last.pt there, returns; a resumed run ends bit-identical to an
+    uninterrupted one."""
+    out = tmp_path / "preempted"
+    pause_at = STEPS_PER_EPOCH + 2
+    proc = subprocess.Popen(
+        [sys.executable, os.fspath(HERE / "train_script.py"), os.fspath(out),
+         "--pause-at-step", str(pause_at)],
+        env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        line = proc.stdout.readline()  # the step has started and waits for us
+        assert line.strip() == f"paused at step {pause_at}", line + proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        out_text, err = proc.communicate("go\n", timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped_by SIGTERM" in out_text and "SIGTERM received" in err
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (1, 2, pause_at)
+
+    resumed = tiny_model(seed=5)
+    result = fit(resumed, tiny_data(), tiny_config(epochs=3), out, resume=True)
+    assert result["finished"] and result["stopped_by"] is None
+    _assert_same_state(reference["state"], _state(resumed))
+    assert [r["loss"] for r in result["history"]] == [r["loss"] for r in reference["history"]]
+
+
+class _SignallingSampler(DiscreteLambdaSampler):
+    """OAT's sampler that sends the process ``signum`` at its ``at``-th call (1-based), i.e.
+    in the middle of that training step."""
+
+    def __init__(self, at: int, signum: int) -> None:
+        super().__init__()
+        self.at, self.signum, self.calls = at, signum, 0
+
+    def __call__(self, batch_size, generator=None):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().__call__(batch_size, generator)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_at_the_end_of_an_epoch_resumes_exactly(tmp_path, reference, signum):
+    """A signal during an epoch's last step: that step finishes, last.pt holds the whole
+    epoch (not yet recorded), fit returns, the previous handler is back; resuming records the
+    epoch (its learning rate included) and ends identical to an uninterrupted run."""
+    previous = signal.getsignal(signum)
+    result = fit(tiny_model(), tiny_data(), tiny_config(epochs=3), tmp_path,
+                 sampler=_SignallingSampler(STEPS_PER_EPOCH, signum))
+    assert signal.getsignal(signum) is previous
+    assert result["stopped_by"] == signal.Signals(signum).name and not result["finished"]
+    assert result["global_step"] == STEPS_PER_EPOCH and result["history"] == []
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (0, STEPS_PER_EPOCH)
+
+    resumed = tiny_model(seed=9)
+    result = fit(resumed, tiny_data(), tiny_config(epochs=3), tmp_path, resume=True)
+    _assert_same_state(reference["state"], _state(resumed))
+    for got, want in zip(result["history"], reference["history"], strict=True):
+        assert {**got, "seconds": 0} == {**want, "seconds": 0}
+
+
+class _CheckpointWatcher(DiscreteLambdaSampler):
+    """OAT's sampler that records, at the start of every step, the step last.pt holds."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out, self.seen = out, []
+
+    def __call__(self, batch_size, generator=None):
+        path = self.out / "last.pt"
+        self.seen.append(torch.load(path, weights_only=True)["global_step"]
+                         if path.is_file() else None)
+        return super().__call__(batch_size, generator)
+
+
+@pytest.mark.parametrize(("every", "expected"), [
+    ({}, [None, None, None, 3, 3, 3]),  # once per epoch (3 steps)
+    ({"save_every_steps": 2}, [None, None, 2, 3, 4, 4]),
+    ({"save_every_minutes": 1e-9}, [None, 1, 2, 3, 4, 5]),  # due after every step
+])
+def test_checkpoints_within_an_epoch(tmp_path, every, expected):
+    watcher = _CheckpointWatcher(tmp_path)
+    fit(tiny_model(), tiny_data(), tiny_config(epochs=2, **every), tmp_path, sampler=watcher)
+    assert watcher.seen == expected
 
 
 def _free_port() -> int:
@@ -239,7 +415,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_on_cpu_with_gloo(tmp_path):
+@pytest.mark.parametrize("method", ["film", "float", "floats"])
+def test_ddp_two_processes_on_cpu_with_gloo(tmp_path, method):
     """torchrun, 2 processes, gloo: ranks end identical, the loss falls, rank 0 writes the
     checkpoint, and a run stopped mid-epoch then resumed matches the uninterrupted one."""
     out = tmp_path / "ddp"
@@ -248,12 +425,12 @@ def test_ddp_two_processes_on_cpu_with_gloo(tmp_path):
          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
          os.fspath(HERE / "train_script.py"), os.fspath(out), "--ddp", "--epochs", "4",
          "--n-train", "64", "--batch-size", "32",  # 16 per process, 2 steps per epoch
-         "--interrupt-at", "3"],  # in the middle of epoch 2
+         "--interrupt-at", "3", "--method", method],  # in the middle of epoch 2
         env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     full = [torch.load(out / "full" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     _assert_same_state(full[0]["state_dict"], full[1]["state_dict"])
-    initial = tiny_model().state_dict()
+    initial = tiny_model(method=method).state_dict()
     fc = "backbone.fc.weight"
     assert not torch.equal(full[0]["state_dict"][fc], initial[fc])
     losses = [r["loss"] for r in full[0]["history"]]
@@ -269,7 +446,8 @@ def test_ddp_two_processes_on_cpu_with_gloo(tmp_path):
         resumed = torch.load(out / "resumed" / f"rank{r}.pt", weights_only=True)
         _assert_same_state(full[r]["state_dict"], resumed["state_dict"])
         assert [h["loss"] for h in resumed["history"]] == losses
-
+    if method != "film":
+        return
     unused = [torch.load(out / "unused" / f"rank{r}.pt", weights_only=True)["state_dict"]
               for r in (0, 1)]
     _assert_same_state(unused[0], unused[1])
@@ -277,6 +455,18 @@ def test_ddp_two_processes_on_cpu_with_gloo(tmp_path):
         if ".clean." in key and key.endswith(("weight", "bias")):
             assert torch.equal(value, initial[key]), key  # no λ = 0 sample: untouched
     assert not torch.equal(unused[0][fc], initial[fc])
+
+
+def test_ddp_syncs_only_the_norm_running_statistics():
+    """Fixed buffers (FLOAT's noise, FLOATS' masks) are not broadcast every step."""
+    model = tiny_model(method="floats")
+    names = {id(b): n for n, b in model.named_buffers()}
+    synced = [names[id(b)] for b in _BufferSync(model).buffers]
+    running = [n for n in names.values()
+               if n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    fixed = [n for n in names.values() if n.endswith((".noise", ".mask"))]
+    assert running and fixed
+    assert sorted(synced) == sorted(running)
 
 
 def test_fast_fgsm_and_named_torchattacks_attacks():
@@ -294,7 +484,7 @@ def test_fast_fgsm_and_named_torchattacks_attacks():
 
 
 def test_fit_with_fgsm_rs_amp_and_custom_optimizer(tmp_path):
-    model = tiny_model()
+    model = tiny_model(lambdas=(0.0, 1.0))
     seen = []
 
     def optimizer(params):
@@ -308,16 +498,67 @@ def test_fit_with_fgsm_rs_amp_and_custom_optimizer(tmp_path):
     assert torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["state"]
 
 
+class _AutocastRecorder(torchattacks.FGSM):
+    """FGSM recording the autocast dtype (None: no autocast) it ran under."""
+
+    def __init__(self, model, eps):
+        super().__init__(model, eps=eps)
+        self.seen = []
+
+    def forward(self, images, labels):
+        enabled = torch.is_autocast_enabled("cpu")
+        self.seen.append(torch.get_autocast_dtype("cpu") if enabled else None)
+        return super().forward(images, labels)
+
+
+@pytest.mark.parametrize(("amp_dtype", "attack_dtype"), [
+    ("bfloat16", torch.bfloat16),
+    ("float16", None),  # float16 attack gradients are not loss-scaled: the attack runs in fp32
+])
+def test_amp_training_on_cpu_with_a_groupnorm_backbone(tmp_path, amp_dtype, attack_dtype):
+    model = _groupnorm_model()
+    before = _state(model)
+    attacks = []
+
+    def attack(m):
+        attacks.append(_AutocastRecorder(m, eps=2 / 255))
+        return attacks[-1]
+
+    config = tiny_config(epochs=1, amp=True, amp_dtype=amp_dtype, device="cpu")
+    result = fit(model, tiny_data(), config, tmp_path, attack=attack,
+                 eval_data=tiny_data(16, "test"))
+    record = result["history"][0]
+    assert math.isfinite(record["loss"]) and 0.0 <= record["eval_adv_acc@1"] <= 1.0
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert attacks[0].seen and set(attacks[0].seen) == {attack_dtype}
+    assert set(attacks[1].seen) == {None}  # the evaluation runs in float32
+    scaler = torch.load(tmp_path / "last.pt", weights_only=True)["scaler"]
+    assert (scaler is not None) == (amp_dtype == "float16")
+    assert next(model.parameters()).device.type == "cpu"
+
+
 @pytest.mark.parametrize(("overrides", "match"), [
     ({"epochs": 0}, "epochs"),
     ({"schedule": "linear"}, "schedule"),
     ({"lambdas": (0.0, 1.5)}, r"\[0, 1\]"),
     ({"lambdas": (0.0,)}, "λ > 0"),
     ({"eps": -1.0}, "eps"),
+    ({"device": "gpu"}, "device must be 'cpu', 'cuda' or 'cuda:<index>'"),
+    ({"device": "cpu:1"}, "device must be"),
+    ({"amp": True, "amp_dtype": "float8"}, "amp_dtype must be one of"),
+    ({"amp_dtype": "bfloat16"}, "needs amp=True"),
+    ({"save_every_steps": 0}, "save_every_steps"),
+    ({"save_every_minutes": -1.0}, "save_every_minutes"),
 ])
 def test_config_rejects_bad_values(overrides, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**overrides)
+
+
+def test_fit_rejects_a_cuda_device_it_cannot_use(tmp_path):
+    # No CUDA here: "needs CUDA"; with CUDA, there is no 100th device: "does not exist".
+    with pytest.raises(ValueError, match="CUDA"):
+        fit(tiny_model(), tiny_data(), tiny_config(device="cuda:99"), tmp_path)
 
 
 def test_fit_rejects_a_dataset_smaller_than_a_batch(tmp_path):
@@ -325,8 +566,16 @@ def test_fit_rejects_a_dataset_smaller_than_a_batch(tmp_path):
         fit(tiny_model(), tiny_data(8), tiny_config(), tmp_path)
 
 
+def test_fit_asks_the_method_whether_it_can_train_with_the_sampler(tmp_path):
+    """film's orthogonal codes are built for its λ set: a sampler drawing other λ is refused
+    before training (the method's check_sampler)."""
+    with pytest.raises(ValueError, match="untrained"):
+        fit(tiny_model(), tiny_data(), tiny_config(lambdas=(0.0, 0.5)), tmp_path)
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_explicit_sampler_is_used(tmp_path):
-    model = tiny_model()
+    model = tiny_model(lambdas=(0.0, 0.5))
     calls = []
 
     class Recording(DiscreteLambdaSampler):
@@ -342,6 +591,20 @@ def test_explicit_sampler_is_used(tmp_path):
         assert int((lam == 0).sum()) == 4 and set(lam.tolist()) == {0.0, 0.5}
 
 
+def test_fit_prepares_floats_snip_masks_from_the_first_batch(tmp_path):
+    """FLOATS with SNIP masks: the method chooses them (prepare) before training starts."""
+    model = tiny_model(method="floats", prune="snip")
+    assert all(mask.pending for _, _, mask in weight_masks(model.backbone))
+    result = fit(model, tiny_data(), tiny_config(epochs=1, max_steps=1), tmp_path)
+    assert result["global_step"] == 1
+    found = weight_masks(model.backbone)
+    assert found and not any(mask.pending for _, _, mask in found)
+    kept = sum(int(m.mask.sum()) for _, _, m in found) / sum(m.mask.numel() for _, _, m in found)
+    assert kept == pytest.approx(0.5, abs=0.01)
+    loaded = oat_plugins.load(tmp_path / "last.pt")
+    assert not any(mask.pending for _, _, mask in weight_masks(loaded.backbone))
+
+
 TINY_CLI = ["--model", "resnet10t", "--model-kwargs",
             '{"channels": [8, 16, 32, 64], "stem_width": 8}', "--method", "film",
             "--data", "bundled", "--batch-size", "16", "--lambdas", "0,0.2,1",
@@ -351,11 +614,12 @@ TINY_CLI = ["--model", "resnet10t", "--model-kwargs",
 def test_cli_train_runs_end_to_end_on_the_bundled_sample(tmp_path, capsys):
     out = tmp_path / "run"
     code = cli_main(["train", *TINY_CLI, "--epochs", "1", "--limit-train", "32",
-                     "--eval-samples", "16", "--out", os.fspath(out)])
+                     "--eval-samples", "16", "--device", "cpu", "--out", os.fspath(out)])
     assert code == 0
     assert "wrote" in capsys.readouterr().out
     model = oat_plugins.load(out / "model.pt")
     assert model.method_name == "film" and model.num_classes == 10
+    assert list(model.method.options.lambdas) == [0.0, 0.2, 1.0]  # --lambdas reaches film
     assert oat_plugins.load(out / "last.pt").state_dict().keys() == model.state_dict().keys()
     record = json.loads((out / "metrics.jsonl").read_text())
     assert record["epoch"] == 1 and "eval_clean_acc@0" in record
@@ -369,11 +633,47 @@ def test_cli_train_runs_end_to_end_on_the_bundled_sample(tmp_path, capsys):
     assert torch.load(out2 / "last.pt", weights_only=True)["global_step"] == 2
 
 
+def test_cli_trains_floats_with_snip_masks(tmp_path):
+    cli = [a if a != "film" else "floats" for a in TINY_CLI]
+    cli = cli[:cli.index("--lambdas")] + cli[cli.index("--lambdas") + 2:]
+    out = tmp_path / "floats"
+    assert cli_main(["train", *cli, "--option", "prune=snip", "--epochs", "1",
+                     "--max-steps", "1", "--eval-samples", "0", "--out", os.fspath(out)]) == 0
+    model = oat_plugins.load(out / "model.pt")
+    assert model.method.options.prune == "snip"
+    assert not any(mask.pending for _, _, mask in weight_masks(model.backbone))
+
+
+def test_cli_train_exits_143_on_sigterm_and_resumes(tmp_path):
+    out = tmp_path / "preempted"
+    args = ["train", *TINY_CLI, "--epochs", "20", "--limit-train", "32", "--eval-samples", "0",
+            "--log-every", "1", "--out", os.fspath(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "oat_plugins.cli", *args], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # wait until training has begun
+            if "step 1/2" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert not (out / "model.pt").exists()
+    step = torch.load(out / "last.pt", weights_only=True)["global_step"]
+    assert 1 <= step < 40
+    assert cli_main([*args, "--resume"]) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["global_step"] == 40
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--lambdas", "0,0.5,2"], "must be in [0, 1]"),
     (["--lambdas", "0,x"], "'x' is not a number"),
     (["--lambdas", "0"], "at least one λ > 0"),
     (["--eps", "8/0"], "expected a number"),
+    (["--amp-dtype", "float8"], "invalid choice"),
+    (["--save-every-steps", "0"], "expected a positive integer"),
 ])
 def test_cli_train_rejects_bad_arguments(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:
@@ -383,12 +683,13 @@ def test_cli_train_rejects_bad_arguments(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ("imagenet", "unknown dataset 'imagenet'"),
-    ("./no/such/dir", "does not exist"),
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--data", "./no/such/dir"], "does not exist"),
+    (["--device", "gpu"], "device must be"),
 ])
-def test_cli_train_reports_bad_data(tmp_path, capsys, data, message):
-    code = cli_main(["train", "--model", "resnet10t", "--method", "film", "--data", data,
+def test_cli_train_reports_bad_data_or_device(tmp_path, capsys, args, message):
+    code = cli_main(["train", "--model", "resnet10t", "--method", "film", *args,
                      "--out", os.fspath(tmp_path)])
     assert code == 2
     assert message in capsys.readouterr().err
@@ -401,18 +702,18 @@ def test_extremes_sampler_batches_hold_no_zero_weight_clean_terms():
 
     model = _groupnorm_model().train()
     seen = []
-    model.register_forward_pre_hook(
-        lambda m, args: seen.append((m.training, args[0].shape[0], m.lam.clone()))
+    model.backbone.register_forward_pre_hook(
+        lambda m, args: seen.append((args[0].shape[0], model.lam.clone()))
         if m.training else None)
     lam = ExtremesLambdaSampler()(8, torch.Generator().manual_seed(0))
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     oat_loss(model, x, y, lam, torchattacks.FGSM(model, eps=2 / 255))
     assert len(seen) == 1
-    _, batch, lam_seen = seen[0]
+    batch, lam_seen = seen[0]
     assert batch == 8 and int((lam_seen == 0).sum()) == 4 and int((lam_seen == 1).sum()) == 4
 
 
-def test_fit_trains_a_method_without_per_sample_lambda(tmp_path):
+def test_fit_trains_a_method_that_serves_lambda_groups(tmp_path):
     torch.manual_seed(0)
     model = oat_plugins.ConditionalModel(
         timm.create_model("resnet10t", num_classes=10, **TINY_KWARGS), ScalarFilm(),
@@ -421,4 +722,4 @@ def test_fit_trains_a_method_without_per_sample_lambda(tmp_path):
     result = fit(model, tiny_data(), tiny_config(epochs=1), tmp_path)
     assert result["finished"] and torch.isfinite(torch.tensor(result["history"][0]["loss"]))
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert isinstance(model.lam, float)
+    assert model.lam == 0.0

@@ -15,11 +15,11 @@ N_TRAIN = 48
 BATCH = 16
 
 
-def tiny_model(seed: int = 0, **options) -> oat_plugins.ConditionalModel:
-    """timm's resnet10t with 8-64 channels (~0.2 M parameters once wrapped) with film."""
+def tiny_model(seed: int = 0, method: str = "film", **options) -> oat_plugins.ConditionalModel:
+    """timm's resnet10t with 8-64 channels (~0.2 M parameters once wrapped) with ``method``."""
     torch.manual_seed(seed)
     backbone = timm.create_model("resnet10t", num_classes=10, **TINY_KWARGS)
-    return oat_plugins.wrap(backbone, "film", normalize=(CIFAR10_MEAN, CIFAR10_STD),
+    return oat_plugins.wrap(backbone, method, normalize=(CIFAR10_MEAN, CIFAR10_STD),
                             model_kwargs=dict(TINY_KWARGS), **options)
 
 

@@ -1,14 +1,17 @@
 """Helper run as a subprocess by tests/test_train.py (not a test module).
 
-    python tests/train_script.py OUT [--kill-at-step K] [--resume]
-    torchrun --nproc_per_node 2 tests/train_script.py OUT --ddp --interrupt-at S
+    python tests/train_script.py OUT [--kill-at-step K | --pause-at-step K] [--resume]
+    torchrun --nproc_per_node 2 tests/train_script.py OUT --ddp --interrupt-at S [--method M]
 
-Trains a tiny film model on the first bundled images with one intra-op thread. With
---kill-at-step the process SIGKILLs itself when the λ sampler is asked for step K (a real
-mid-epoch interruption). With --ddp the script joins the process group itself and trains
-twice: OUT/full uninterrupted, and OUT/resumed stopped after --interrupt-at steps then resumed;
-then OUT/unused trains one epoch with no λ = 0 sample (unused clean norm branches); every rank
-writes OUT/<run>/rank<r>.pt with its final state_dict and history.
+Trains a tiny model on the first bundled images with one intra-op thread. With --kill-at-step
+the process SIGKILLs itself when the λ sampler is asked for step K (a real mid-epoch crash).
+With --pause-at-step, at step K it prints ``paused at step K`` and waits for a line on stdin:
+the test sends SIGTERM, then the line, so the signal arrives in the middle of step K; the run
+prints ``stopped_by <what>`` when fit returns. With --ddp the script joins the process group
+itself and trains twice: OUT/full uninterrupted, and OUT/resumed stopped after --interrupt-at
+steps then resumed; for film OUT/unused then trains one epoch with no λ = 0 sample (unused
+clean norm branches); every rank writes OUT/<run>/rank<r>.pt with its final state_dict and
+history.
 """
 
 from __future__ import annotations
@@ -43,12 +46,30 @@ class KillingSampler(DiscreteLambdaSampler):
         return super().__call__(batch_size, generator)
 
 
+class PausingSampler(DiscreteLambdaSampler):
+    """OAT's sampler that, at its ``pause_at``-th call, announces it on stdout and waits for
+    a line on stdin (the test signals the process before sending it)."""
+
+    def __init__(self, pause_at: int) -> None:
+        super().__init__()
+        self.pause_at, self.calls = pause_at, 0
+
+    def __call__(self, batch_size, generator=None):
+        self.calls += 1
+        if self.calls == self.pause_at:
+            print(f"paused at step {self.calls}", flush=True)
+            sys.stdin.readline()
+        return super().__call__(batch_size, generator)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--kill-at-step", type=int, default=None)
+    parser.add_argument("--pause-at-step", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--ddp", action="store_true")
+    parser.add_argument("--method", default="film")
     parser.add_argument("--interrupt-at", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--n-train", type=int, default=48)
@@ -61,25 +82,32 @@ def main() -> None:
         return tiny_config(**{"epochs": args.epochs, "batch_size": args.batch_size, **overrides})
 
     if not args.ddp:
-        sampler = KillingSampler(args.kill_at_step) if args.kill_at_step else None
-        fit(tiny_model(), data, config(), args.out, resume=args.resume, sampler=sampler)
+        sampler = None
+        if args.kill_at_step:
+            sampler = KillingSampler(args.kill_at_step)
+        elif args.pause_at_step:
+            sampler = PausingSampler(args.pause_at_step)
+        result = fit(tiny_model(), data, config(), args.out, resume=args.resume, sampler=sampler)
+        print(f"stopped_by {result['stopped_by']}", flush=True)
         return
 
     dist.init_process_group("gloo")  # fit() joins an existing group and leaves it open
     rank = dist.get_rank()
     out = Path(args.out)
-    full = tiny_model()
-    full_result = fit(full, data, config(), out / "full")
-    fit(tiny_model(), data, config(max_steps=args.interrupt_at), out / "resumed")
-    resumed = tiny_model(seed=7)
-    resumed_result = fit(resumed, data, config(), out / "resumed", resume=True)
-    # No λ = 0 sample anywhere: the clean norm branches get no gradient (DDP must cope).
-    unused = tiny_model()
-    unused_result = fit(unused, data, config(lambdas=(0.5, 1.0), clean_fraction=0.0, epochs=1),
-                        out / "unused")
-    for name, model, result in (("full", full, full_result),
-                                ("resumed", resumed, resumed_result),
-                                ("unused", unused, unused_result)):
+    runs = []
+    full = tiny_model(method=args.method)
+    runs.append(("full", full, fit(full, data, config(), out / "full")))
+    fit(tiny_model(method=args.method), data, config(max_steps=args.interrupt_at),
+        out / "resumed")
+    resumed = tiny_model(seed=7, method=args.method)
+    runs.append(("resumed", resumed, fit(resumed, data, config(), out / "resumed", resume=True)))
+    if args.method == "film":
+        # No λ = 0 sample anywhere: the clean norm branches get no gradient (DDP must cope).
+        lambdas = (0.5, 1.0)
+        unused = tiny_model(lambdas=lambdas)
+        runs.append(("unused", unused, fit(
+            unused, data, config(lambdas=lambdas, clean_fraction=0.0, epochs=1), out / "unused")))
+    for name, model, result in runs:
         torch.save({"state_dict": model.state_dict(), "history": result["history"]},
                    out / name / f"rank{rank}.pt")
     dist.destroy_process_group()

@@ -5,13 +5,16 @@ Works the same under ``torchrun --nproc_per_node N`` (DistributedDataParallel)."
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import json_object, number, parse_lambdas, positive_int
+from ._common import json_object, number, parse_lambdas, positive_int, positive_number
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="adversarially train a conditional model",
         description="Wrap a timm backbone with a method and train it with OAT's recipe "
         "(per-sample λ, torchattacks PGD on the λ > 0 samples, loss (1-λ)·CE(x) + λ·CE(x_adv)). "
-        "Writes OUT/last.pt every epoch, OUT/metrics.jsonl and .csv, and OUT/model.pt at the "
-        "end. Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel.",
+        "Writes OUT/last.pt every epoch (and with --save-every-steps/--save-every-minutes), "
+        "OUT/metrics.jsonl and .csv, and OUT/model.pt at the end. SIGTERM/SIGINT finish the "
+        "step, write OUT/last.pt and exit with 143/130 (--resume continues). Under "
+        "`torchrun --nproc_per_node N` it trains with DistributedDataParallel.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True,
@@ -92,7 +97,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="attack step (default min(1.25ε, ε+4/255)/steps; 1.25ε for "
                         "fgsm-rs)")
     parser.add_argument("--steps", type=positive_int, default=7, help="attack iterations")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu; "
+                        "under torchrun cuda means cuda:LOCAL_RANK)")
     parser.add_argument("--amp", action="store_true", help="mixed precision")
+    parser.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default=None,
+                        help="autocast dtype with --amp (default float16 on CUDA, bfloat16 on "
+                        "CPU); the attack runs under autocast only with bfloat16")
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole run")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--out", required=True, help="output directory")
@@ -100,6 +111,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="continue from OUT/last.pt when it exists")
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="stop after this many optimizer steps in total")
+    parser.add_argument("--save-every-steps", type=positive_int, default=None, metavar="N",
+                        help="also write OUT/last.pt every N optimizer steps")
+    parser.add_argument("--save-every-minutes", type=positive_number, default=None,
+                        metavar="M", help="also write OUT/last.pt every M minutes")
+    parser.add_argument("--log-every", type=int, default=50, metavar="N",
+                        help="log the loss every N steps (0: once per epoch)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -110,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     import oat_plugins
     from oat_plugins import data as datasets
-    from oat_plugins.train import TrainConfig, fit
+    from oat_plugins.train import STOP_SIGNALS, TrainConfig, fit
 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         logging.getLogger().setLevel(logging.WARNING)
@@ -118,12 +135,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.log_every < 0:
+        raise ValueError(f"--log-every must be >= 0, got {args.log_every}")
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, eps=args.eps, alpha=args.alpha,
         steps=args.steps, attack=args.attack, lambdas=args.lambdas,
-        clean_fraction=args.clean_fraction, amp=args.amp, seed=args.seed,
-        max_steps=args.max_steps, num_workers=args.num_workers,
+        clean_fraction=args.clean_fraction, device=args.device, amp=args.amp,
+        amp_dtype=args.amp_dtype, seed=args.seed, max_steps=args.max_steps,
+        save_every_steps=args.save_every_steps, save_every_minutes=args.save_every_minutes,
+        num_workers=args.num_workers, log_every=args.log_every,
         eval_max_samples=max(args.eval_samples, 1), progress=not args.no_progress,
     )
     download = not args.no_download
@@ -143,8 +164,10 @@ def run(args: argparse.Namespace) -> int:
 
     backbone = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
     model = oat_plugins.wrap(backbone, args.method, normalize=stats or "auto",
-                             model_kwargs=model_kwargs, **dict(args.option))
+                             model_kwargs=model_kwargs, **_method_options(args))
     result = fit(model, train_data, config, args.out, resume=args.resume, eval_data=eval_data)
+    if result["stopped_by"] in STOP_SIGNALS:
+        return _report_stop(result)
     if int(os.environ.get("RANK", "0")) == 0:
         path = Path(args.out) / "model.pt"
         oat_plugins.save(model, path)
@@ -156,3 +179,27 @@ def run(args: argparse.Namespace) -> int:
               f"{summary or 'no completed epoch'}\nwrote {path} and "
               f"{result['checkpoint']}")
     return 0
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--option`` values, plus ``--lambdas`` for a method that takes the training λ set as
+    an option (film's λ codes are built for it), unless given with ``--option``."""
+    from oat_plugins.methods import get_method
+
+    options = dict(args.option)
+    fields = {f.name for f in dataclasses.fields(get_method(args.method).Options)}
+    if args.lambdas is not None and "lambdas" in fields:
+        options.setdefault("lambdas", list(args.lambdas))
+    return options
+
+
+def _report_stop(result: dict[str, Any]) -> int:
+    """A run stopped by SIGTERM / SIGINT (pre-emption, Ctrl-C) after writing its checkpoint:
+    one line, and the shell's code for that signal (143 / 130), so a scheduler sees that the
+    job did not finish."""
+    name = result["stopped_by"]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"oat-plugins train: stopped by {name} after {result['global_step']} steps; "
+              f"wrote {result['checkpoint']}; rerun with --resume to continue",
+              file=sys.stderr)
+    return 128 + int(getattr(signal, name))
