@@ -104,7 +104,7 @@ def main() -> None:
     if args.method == "film":
         # No λ = 0 sample anywhere: the clean norm branches get no gradient (DDP must cope).
         lambdas = (0.5, 1.0)
-        unused = tiny_model(lambdas=lambdas)
+        unused = tiny_model(encoding="sinusoidal")  # continuous codes: any λ set trains them
         runs.append(("unused", unused, fit(
             unused, data, config(lambdas=lambdas, clean_fraction=0.0, epochs=1), out / "unused")))
     for name, model, result in runs:
