@@ -37,12 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torchattacks
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ._io import atomic_torch_save, atomic_write_text
+from .condition import lambda_groups
+from .losses import LossContext, LossForward
 from .model import ConditionalModel, read_checkpoint, to_checkpoint
 from .samplers import DiscreteLambdaSampler, LambdaSampler
 
@@ -309,64 +310,16 @@ def _default_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
 
 
 # -- the loss --------------------------------------------------------------------------------
-def _by_lambda(model: ConditionalModel, fn: Callable[[torch.Tensor], torch.Tensor],
-               inputs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """``fn(inputs)`` with each sample at its λ: in one call when the method takes a
-    per-sample λ, else one call per distinct λ value (results put back in batch order)."""
-    if model.condition.per_sample_allowed:
-        model.set_lambda(lam)
-        return fn(inputs)
-    values = torch.unique(lam).tolist()
-    if len(values) == 1:
-        model.set_lambda(values[0])
-        return fn(inputs)
-    result = None
-    for value in values:
-        idx = (lam == value).nonzero().squeeze(1)
-        model.set_lambda(value)
-        out = fn(inputs[idx])
-        if result is None:
-            result = out.new_zeros((inputs.shape[0], *out.shape[1:]))
-        result = result.index_copy(0, idx, out)
-    return result
-
-
-def _attack_by_lambda(model: ConditionalModel, attack: torchattacks.attack.Attack,
-                      x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Adversarial examples with each sample attacked at its λ (grouped by λ value for
-    methods that take one λ per batch)."""
-    if model.condition.per_sample_allowed:
-        model.set_lambda(lam)
-        return attack(x, y).detach()
+def adversarial_examples(model: ConditionalModel, attack: torchattacks.attack.Attack,
+                         x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Adversarial examples with each sample attacked at its λ, one λ group at a time: each
+    group is attacked at a scalar λ, so attacks that query the model on a subset of their
+    batch (APGD, FAB, Square, AutoAttack) see a consistent model."""
     x_adv = torch.empty_like(x)
-    for value in torch.unique(lam).tolist():
-        idx = (lam == value).nonzero().squeeze(1)
-        model.set_lambda(value)
-        x_adv[idx] = attack(x[idx], y[idx]).detach()
+    for value, idx in lambda_groups(lam):
+        with model.at(value):
+            x_adv[idx] = attack(x[idx], y[idx]).detach()
     return x_adv
-
-
-class LossForward(nn.Module):
-    """The training forward of a :class:`~oat_plugins.ConditionalModel`: ``forward(inputs,
-    lam)`` returns ``(logits, terms)``, the logits with each input at its λ (grouped by λ
-    value for methods that take one λ per batch) and the method's optional
-    ``loss_terms(model)`` as a dict of tensors. Distributed training wraps this module, so
-    everything that makes gradients runs inside the DistributedDataParallel forward."""
-
-    def __init__(self, model: ConditionalModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: torch.Tensor,
-                lam: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = _by_lambda(self.model, self.model, inputs, lam)
-        hook = getattr(self.model.method, "loss_terms", None)
-        terms = hook(self.model) if callable(hook) else None
-        if terms is None:
-            terms = {}
-        elif isinstance(terms, torch.Tensor):
-            terms = {"extra": terms}
-        return logits, dict(terms)
 
 
 def oat_loss(
@@ -379,55 +332,25 @@ def oat_loss(
     forward: nn.Module | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """OAT's loss of one batch: ``Σ_i [(1 − λ_i)·CE(f_λi(x_i)) + λ_i·CE(f_λi(x_adv_i))] / N``.
-
-    ``x_adv`` is ``attack`` run on the λ > 0 samples only, at their λ (torchattacks puts the
-    model in eval mode for it); then one forward in the model's current mode on
-    ``[x of the λ < 1 samples ; x_adv]`` with matching per-sample λ (a clean term with weight
-    0 is not computed). Methods that take one λ per batch are run once per distinct λ. A
-    method's optional ``loss_terms(model)`` hook (a tensor or a dict of tensors) is added.
-    ``forward`` is the :class:`LossForward` of ``model``, or a wrapper of it such as
-    DistributedDataParallel (default: a new ``LossForward(model)``). Leaves λ set to the last
-    forward's. Returns the loss and batch statistics.
+    """The training loss of one batch: ``attack`` is run on the λ > 0 samples only, at
+    their λ (torchattacks puts the model in eval mode for it), then the method's
+    ``training_loss`` (OAT's loss ``Σ_i [(1 − λ_i)·CE(f_λi(x_i)) + λ_i·CE(f_λi(x_adv_i))] / N``
+    by default) sees a :class:`~oat_plugins.losses.LossContext`. ``forward`` is the
+    :class:`LossForward` of ``model``, or a wrapper of it such as DistributedDataParallel
+    (default: a new ``LossForward(model)``). Returns the loss and batch statistics.
     """
-    forward = LossForward(model) if forward is None else forward
     autocast = contextlib.nullcontext if autocast is None else autocast
     was_training = model.training
-    n = x.shape[0]
     adv = lam > 0
-    n_adv = int(adv.sum())
     x_adv = x[:0]
-    if n_adv:
+    if bool(adv.any()):
         with autocast():
-            # torchattacks puts the model in eval mode for the attack and restores train mode.
-            x_adv = _attack_by_lambda(model, attack, x[adv], y[adv], lam[adv])
+            x_adv = adversarial_examples(model, attack, x[adv], y[adv], lam[adv])
         if model.training != was_training:
             raise RuntimeError("the attack changed the model's train/eval mode")
-    # Clean terms of λ = 1 samples have weight 0: left out, so that (e.g. with FLOAT's
-    # sampler) the robust branch's batch statistics see only what the loss uses.
-    clean = lam < 1
-    n_clean = int(clean.sum())
-    inputs = torch.cat([x[clean], x_adv])
-    targets = torch.cat([y[clean], y[adv]])
-    lam_all = torch.cat([lam[clean], lam[adv]])
-    weights = torch.cat([1.0 - lam[clean], lam[adv]])
-    with autocast():
-        logits, terms = forward(inputs, lam_all)
-    losses = F.cross_entropy(logits.float(), targets, reduction="none")
-    loss = (weights * losses).sum() / n
-    extra_terms = {}
-    for key, value in terms.items():
-        loss = loss + value
-        extra_terms[f"loss_{key}"] = float(value.detach())
-    with torch.no_grad():
-        correct = logits.argmax(1) == targets
-        stats = {
-            "steps": 1.0, "n": float(n), "n_clean": float(n_clean), "n_adv": float(n_adv),
-            "clean_correct": float(correct[:n_clean].sum()),
-            "adv_correct": float(correct[n_clean:].sum()),
-            **extra_terms,
-        }
-    return loss, stats
+    ctx = LossContext(model, x, y, lam, x_adv,
+                      LossForward(model) if forward is None else forward, autocast)
+    return model.method.training_loss(ctx)
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -491,13 +414,11 @@ def _adv_accuracy(model: ConditionalModel, attack: torchattacks.attack.Attack, d
 @contextlib.contextmanager
 def _lambda(model: ConditionalModel, lam: float) -> Iterator[None]:
     was_training = model.training
-    previous = model.lam
     model.eval()
-    model.set_lambda(lam)
     try:
-        yield
+        with model.at(lam):
+            yield
     finally:
-        model.set_lambda(previous if isinstance(previous, float) else 0.0)
         model.train(was_training)
 
 
@@ -611,12 +532,15 @@ def _fit(model, train_data, config, out, d, resume, eval_data, lam_sampler, atta
                 f"method {model.method_name!r} declares no default λ sampler; pass "
                 "TrainConfig(lambdas=...) or fit(..., sampler=...)"
             ) from None
+    model.method.check_sampler(lam_sampler)
     n_clean = round(getattr(lam_sampler, "clean_fraction", 0.5) * local_batch)
     if 0 < n_clean < 2 or local_batch - n_clean < 2:
         logger.warning("only %d of the %d samples per process are at λ = 0: batch norms see "
                        "tiny routed sub-batches; use a larger batch", n_clean, local_batch)
     device = _device(d)
     model.to(device)
+    x0, y0 = next(iter(DataLoader(train_data, batch_size=local_batch)))
+    model.method.prepare(model, x0.to(device), y0.to(device))
     final_lam = model.lam if isinstance(model.lam, float) else 0.0
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)

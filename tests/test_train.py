@@ -107,17 +107,21 @@ class _RecordingFGSM(torchattacks.FGSM):
 
 
 class ScalarFilm(Film):
-    """``film`` restricted to one λ per batch, like a method without per-sample λ (not
-    registered: built directly)."""
+    """``film`` serving a per-sample λ by one forward per λ group, like a method whose
+    weights depend on λ (not registered: built directly)."""
 
-    per_sample = False
+    lambda_groups = True
+
+
+def _groupnorm_backbone() -> nn.Module:
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, channels=(8, 16, 32, 64),
+                  stem_width=8, norm_layer=lambda c: nn.GroupNorm(4, c))
 
 
 def _groupnorm_model(per_sample: bool = True) -> oat_plugins.ConditionalModel:
     """Per-sample independent norms, so a batch equals its samples one by one."""
     torch.manual_seed(0)
-    backbone = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, channels=(8, 16, 32, 64),
-                      stem_width=8, norm_layer=lambda c: nn.GroupNorm(4, c))
+    backbone = _groupnorm_backbone()
     if per_sample:
         return oat_plugins.wrap(backbone, "film", normalize=None)
     return oat_plugins.ConditionalModel(backbone, ScalarFilm(), normalize=None)
@@ -131,16 +135,11 @@ def test_oat_loss_is_the_per_sample_formula(per_sample):
     attack = _RecordingFGSM(model, eps=8 / 255)
     loss, stats = oat_loss(model, x, y, lam, attack)
 
-    # The attack saw only the λ > 0 samples, at their λ, in eval mode; train mode is back.
+    # The attack saw only the λ > 0 samples, in eval mode, one distinct λ at a time (each at
+    # a scalar λ, so attacks that query subsets of their batch work); train mode is back.
     assert all(not training for _, training, _ in attack.calls)
-    if per_sample:
-        assert len(attack.calls) == 1
-        n_attacked, _, lam_during_attack = attack.calls[0]
-        assert n_attacked == 4 and torch.equal(lam_during_attack, lam[lam > 0])
-    else:  # one attack per distinct λ > 0, each at a scalar λ
-        assert sorted((lam_seen, n) for n, _, lam_seen in attack.calls) == [
-            (pytest.approx(0.1), 1), (pytest.approx(0.2), 1), (pytest.approx(0.4), 1),
-            (1.0, 1)]
+    assert sorted((lam_seen, n) for n, _, lam_seen in attack.calls) == [
+        (pytest.approx(0.1), 1), (pytest.approx(0.2), 1), (pytest.approx(0.4), 1), (1.0, 1)]
     assert model.training
     assert stats["n"] == 6 and stats["n_adv"] == 4 and stats["n_clean"] == 5  # λ=1: no clean
 
@@ -158,18 +157,27 @@ def test_oat_loss_is_the_per_sample_formula(per_sample):
     torch.testing.assert_close(loss, expected / 6, rtol=1e-4, atol=1e-5)
 
 
-def test_a_method_loss_terms_hook_is_added():
+class RegularisedFilm(Film):
+    """A method whose training loss adds a term computed from the loss context."""
+
+    def training_loss(self, ctx):
+        loss, stats = super().training_loss(ctx)
+        reg = 0.5 * ctx.lam.mean()  # sees the batch's λ
+        return loss + reg, {**stats, "loss_reg": float(reg)}
+
+
+def test_a_method_training_loss_hook_is_used():
+    torch.manual_seed(0)
     model = _groupnorm_model().train()
+    hooked = oat_plugins.ConditionalModel(_groupnorm_backbone(), RegularisedFilm(),
+                                          normalize=None).train()
+    hooked.load_state_dict(model.state_dict())
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
     lam = torch.tensor([0.0, 1.0, 0.0, 1.0])
     base, _ = oat_loss(model, x, y, lam, torchattacks.FGSM(model, eps=1 / 255))
-    model.method.loss_terms = lambda m: {"reg": torch.tensor(0.5)}
-    try:
-        with_hook, stats = oat_loss(model, x, y, lam, torchattacks.FGSM(model, eps=1 / 255))
-    finally:
-        del model.method.loss_terms
-    torch.testing.assert_close(with_hook, base + 0.5)
-    assert stats["loss_reg"] == 0.5
+    with_hook, stats = oat_loss(hooked, x, y, lam, torchattacks.FGSM(hooked, eps=1 / 255))
+    torch.testing.assert_close(with_hook, base + 0.25)
+    assert stats["loss_reg"] == 0.25
 
 
 @pytest.mark.parametrize("stop_at", [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 1])
@@ -294,7 +302,7 @@ def test_fast_fgsm_and_named_torchattacks_attacks():
 
 
 def test_fit_with_fgsm_rs_amp_and_custom_optimizer(tmp_path):
-    model = tiny_model()
+    model = tiny_model(lambdas=(0.0, 1.0))
     seen = []
 
     def optimizer(params):
@@ -326,7 +334,7 @@ def test_fit_rejects_a_dataset_smaller_than_a_batch(tmp_path):
 
 
 def test_explicit_sampler_is_used(tmp_path):
-    model = tiny_model()
+    model = tiny_model(encoding="sinusoidal")  # any λ set trains a continuous encoding
     calls = []
 
     class Recording(DiscreteLambdaSampler):
@@ -401,8 +409,8 @@ def test_extremes_sampler_batches_hold_no_zero_weight_clean_terms():
 
     model = _groupnorm_model().train()
     seen = []
-    model.register_forward_pre_hook(
-        lambda m, args: seen.append((m.training, args[0].shape[0], m.lam.clone()))
+    model.backbone.register_forward_pre_hook(
+        lambda m, args: seen.append((m.training, args[0].shape[0], model.lam.clone()))
         if m.training else None)
     lam = ExtremesLambdaSampler()(8, torch.Generator().manual_seed(0))
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
@@ -422,3 +430,9 @@ def test_fit_trains_a_method_without_per_sample_lambda(tmp_path):
     assert result["finished"] and torch.isfinite(torch.tensor(result["history"][0]["loss"]))
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert isinstance(model.lam, float)
+
+
+def test_fit_refuses_a_lambda_set_that_leaves_film_codes_untrained(tmp_path):
+    with pytest.raises(ValueError, match=r"codes of \[0.1, 0.2, 0.3, 0.4\] would stay untrained"):
+        fit(tiny_model(), tiny_data(), tiny_config(lambdas=(0.0, 1.0)), tmp_path)
+    assert not (tmp_path / "last.pt").exists()

@@ -74,7 +74,7 @@ def main() -> None:
     resumed = tiny_model(seed=7)
     resumed_result = fit(resumed, data, config(), out / "resumed", resume=True)
     # No λ = 0 sample anywhere: the clean norm branches get no gradient (DDP must cope).
-    unused = tiny_model()
+    unused = tiny_model(encoding="sinusoidal")  # orthogonal codes would need λ = 0 trained
     unused_result = fit(unused, data, config(lambdas=(0.5, 1.0), clean_fraction=0.0, epochs=1),
                         out / "unused")
     for name, model, result in (("full", full, full_result),

@@ -142,8 +142,12 @@ def run(args: argparse.Namespace) -> int:
     import timm
 
     backbone = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+    options = dict(args.option)
+    fields = oat_plugins.get_method(args.method).Options.__dataclass_fields__
+    if args.lambdas is not None and "lambdas" in fields:
+        options.setdefault("lambdas", args.lambdas)  # e.g. film's λ codes follow the training set
     model = oat_plugins.wrap(backbone, args.method, normalize=stats or "auto",
-                             model_kwargs=model_kwargs, **dict(args.option))
+                             model_kwargs=model_kwargs, **options)
     result = fit(model, train_data, config, args.out, resume=args.resume, eval_data=eval_data)
     if int(os.environ.get("RANK", "0")) == 0:
         path = Path(args.out) / "model.pt"
