@@ -4,20 +4,20 @@ A :class:`Condition` is a small shared object. The :class:`~oat_plugins.Conditio
 it, every conditioned layer holds a reference to it, and ``set_lambda`` writes it. Layers never
 receive λ as a forward argument, so timm blocks that call their children with one argument,
 torchattacks and RobustBench keep working unchanged.
+
+λ is changed for a while through one idiom, :meth:`Condition.at` (``model.at(lam)`` and
+:func:`condition` delegate to it), and a per-sample λ is split into groups of equal λ by one
+function, :func:`lambda_groups`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Hashable, Iterator
+from typing import Protocol, TypeVar
 
 import torch
-from torch import nn
-
-if TYPE_CHECKING:
-    from .model import ConditionalModel
 
 Lambda = float | torch.Tensor
 """A scalar λ for the whole batch, or a tensor of shape (N,) with one λ per sample."""
@@ -37,25 +37,7 @@ def validate_lambda(lam: object, *, per_sample: bool = True) -> Lambda:
         if lam.dim() == 0:
             lam = float(lam)
         else:
-            if not per_sample:
-                raise ValueError(
-                    "this method takes one λ for the whole batch (a float in [0, 1]); "
-                    f"got a tensor of shape {tuple(lam.shape)}"
-                )
-            if lam.dim() != 1 or lam.numel() == 0:
-                raise ValueError(
-                    "a per-sample λ must be a non-empty 1-D tensor of shape (N,), "
-                    f"got shape {tuple(lam.shape)}"
-                )
-            if not lam.is_floating_point():
-                lam = lam.float()
-            bad = torch.isnan(lam) | (lam < 0) | (lam > 1)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"every λ must be in [0, 1] and not NaN; got {lam[bad][:5].tolist()} "
-                    f"({int(bad.sum())} bad values)"
-                )
-            return lam.detach()
+            return _validate_per_sample(lam, per_sample)
     if not isinstance(lam, (int, float)):
         raise ValueError(f"λ must be a float in [0, 1] or a tensor of shape (N,), got {lam!r}")
     value = float(lam)
@@ -64,19 +46,51 @@ def validate_lambda(lam: object, *, per_sample: bool = True) -> Lambda:
     return value
 
 
-class Condition:
-    """The current λ, shared by all conditioned layers of one model.
+def _validate_per_sample(lam: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    if not per_sample:
+        raise ValueError(
+            "one λ for the whole batch is needed here (a float in [0, 1]); "
+            f"got a tensor of shape {tuple(lam.shape)}"
+        )
+    if lam.dim() != 1 or lam.numel() == 0:
+        raise ValueError(
+            f"a per-sample λ must be a non-empty 1-D tensor of shape (N,), got shape "
+            f"{tuple(lam.shape)}"
+        )
+    lam = lam.detach().float()
+    bad = torch.isnan(lam) | (lam < 0) | (lam > 1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"every λ must be in [0, 1] and not NaN; got {lam[bad][:5].tolist()} "
+            f"({int(bad.sum())} bad values)"
+        )
+    return lam
 
-    ``encoder`` (optional) maps a (B,) tensor of λ to (B, D) features that layers such as FiLM
-    read through :meth:`encoding`; it must have no parameters, so its output can be cached
-    until λ changes.
+
+def lambda_groups(lam: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+    """The distinct values of a per-sample λ (ascending), each with the indices of its samples.
+
+    The one place a per-sample λ is split: a model whose method serves a per-sample λ by one
+    forward per value, training's per-group attack and evaluation all use it."""
+    values, inverse = torch.unique(lam, sorted=True, return_inverse=True)
+    return [(float(v), torch.nonzero(inverse == i, as_tuple=True)[0])
+            for i, v in enumerate(values.tolist())]
+
+
+T = TypeVar("T")
+
+
+class Condition:
+    """The current λ, shared by all conditioned layers of one model, with a per-λ cache.
+
+    :meth:`cached` keeps tensors that depend only on λ (and on the batch's size, device and
+    dtype), e.g. FiLM's λ encoding, until λ changes; methods use it for anything that is a
+    pure function of λ.
     """
 
-    def __init__(self, lam: Lambda = 0.0, *, per_sample: bool = True) -> None:
-        self.per_sample_allowed = per_sample
-        self.encoder: nn.Module | None = None
+    def __init__(self, lam: Lambda = 0.0) -> None:
         self._cache: dict[tuple, torch.Tensor] = {}
-        self._lam: Lambda = validate_lambda(lam, per_sample=per_sample)
+        self._lam: Lambda = validate_lambda(lam)
 
     @property
     def lam(self) -> Lambda:
@@ -84,27 +98,23 @@ class Condition:
 
     @lam.setter
     def lam(self, value: object) -> None:
-        self._lam = validate_lambda(value, per_sample=self.per_sample_allowed)
+        self._set(validate_lambda(value))
+
+    def _set(self, lam: Lambda) -> None:
+        self._lam = lam
         self._cache.clear()
 
     @contextlib.contextmanager
-    def scalar(self, value: float) -> Iterator[None]:
-        """Temporarily hold the scalar λ ``value`` (already validated: one of the values of the
-        current per-sample λ); used to run one forward per λ group."""
-        saved = self._lam
-        self._lam = float(value)
-        self._cache.clear()
+    def at(self, lam: object, *, validate: bool = True) -> Iterator[None]:
+        """Hold ``lam`` inside the block; the previous λ (float or per-sample tensor) is
+        restored exactly on exit. ``validate=False`` is for values taken from an already
+        validated λ (the groups of a per-sample λ)."""
+        previous = self._lam
+        self._set(validate_lambda(lam) if validate else lam)
         try:
             yield
         finally:
-            self._lam = saved
-            self._cache.clear()
-
-    def set_encoder(self, encoder: nn.Module | None) -> None:
-        if encoder is not None and any(True for _ in encoder.parameters()):
-            raise ValueError("a λ encoder must have no parameters (its output is cached)")
-        self.encoder = encoder
-        self._cache.clear()
+            self._set(previous)
 
     @property
     def is_scalar(self) -> bool:
@@ -118,44 +128,39 @@ class Condition:
                 "samples; set one λ per sample (or a float for the whole batch)"
             )
 
-    @staticmethod
-    def _key(*parts: object) -> tuple:
-        # Tensors made under torch.inference_mode cannot be saved for a later backward, so
-        # they are cached apart from those made outside it.
-        return (*parts, torch.is_inference_mode_enabled())
+    def cached(self, key: Hashable, x: torch.Tensor,
+               compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``compute(λ values)`` for the batch of ``x``, kept until λ changes.
+
+        ``compute`` receives :meth:`values` (float32) and must depend on nothing but λ and
+        buffers that never change (its result is not recomputed when parameters change).
+        Tensors made under ``torch.inference_mode`` cannot be saved for a later backward, so
+        they are cached apart from those made outside it."""
+        full = (key, x.shape[0], x.device, torch.is_inference_mode_enabled())
+        if full not in self._cache:
+            self._cache[full] = compute(self.values(x))
+        return self._cache[full]
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
-        """λ as a (B,) tensor matching the leading dimension of ``x`` (B = 1 for a scalar λ).
+        """λ as a float32 (B,) tensor on ``x``'s device matching its leading dimension (B = 1
+        for a scalar λ). Kept in float32 whatever the activations' dtype (under bf16, λ codes
+        would be off by up to half a percent).
 
         Some backbones fold extra items into the batch dimension (e.g. windows of Swin, in
         sample-major order); a per-sample λ is then repeated to that size.
         """
-        key = self._key("values", x.shape[0], x.device, x.dtype)
-        if key not in self._cache:
+        full = ("values", x.shape[0], x.device, torch.is_inference_mode_enabled())
+        if full not in self._cache:
             if self.is_scalar:
-                lam = torch.full((1,), self._lam, device=x.device, dtype=x.dtype)
+                lam = torch.full((1,), self._lam, device=x.device, dtype=torch.float32)
             else:
-                lam = self._lam.to(device=x.device, dtype=x.dtype)
-                lam = _expand_to_batch(lam, x.shape[0])
-            self._cache[key] = lam
-        return self._cache[key]
+                lam = _expand_to_batch(self._lam.to(device=x.device), x.shape[0])
+            self._cache[full] = lam
+        return self._cache[full]
 
     def clean_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean (B,) mask of the samples with λ == 0 (those routed to the clean branch)."""
-        key = self._key("clean", x.shape[0], x.device)
-        if key not in self._cache:
-            self._cache[key] = self.values(x) == 0
-        return self._cache[key]
-
-    def encoding(self, x: torch.Tensor) -> torch.Tensor:
-        """The encoder's features of λ, (B, D) with B as in :meth:`values`."""
-        if self.encoder is None:
-            raise RuntimeError("this model's condition has no λ encoder")
-        key = self._key("encoding", x.shape[0], x.device, x.dtype)
-        if key not in self._cache:
-            lam = self.values(x)
-            self._cache[key] = self.encoder(lam).to(dtype=x.dtype)
-        return self._cache[key]
+        return self.cached("clean", x, lambda lam: lam == 0)
 
 
 def _expand_to_batch(lam: torch.Tensor, batch: int) -> torch.Tensor:
@@ -170,16 +175,15 @@ def _expand_to_batch(lam: torch.Tensor, batch: int) -> torch.Tensor:
     return lam.repeat_interleave(batch // n)
 
 
-@contextlib.contextmanager
-def condition(model: ConditionalModel, lam: object) -> Iterator[ConditionalModel]:
-    """Temporarily set λ on ``model``; the previous value is restored on exit.
+class _HasAt(Protocol):
+    def at(self, lam: object) -> contextlib.AbstractContextManager: ...
+
+
+def condition(model: _HasAt, lam: object) -> contextlib.AbstractContextManager:
+    """Temporarily set λ on ``model`` (same as ``model.at(lam)``); the previous value is
+    restored on exit.
 
     >>> with oat_plugins.condition(model, 0.3):
     ...     logits = model(x)
     """
-    previous = model.lam
-    model.set_lambda(lam)
-    try:
-        yield model
-    finally:
-        model.set_lambda(previous)
+    return model.at(lam)

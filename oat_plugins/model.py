@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 import os
 import pickle
 import warnings
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -24,11 +24,11 @@ with warnings.catch_warnings():
 
 from ._io import atomic_torch_save
 from ._version import __version__
-from .condition import Condition, Lambda
+from .condition import Condition, Lambda, lambda_groups
 from .layers.base import ConditionedModule, FoldableParametrization
 from .methods import Method, get_method
-from .stats import count_nonzero, masked_density
-from .surgery import fold_conditioned, foreign_modules, summarize
+from .stats import count_nonzero
+from .surgery import foreign_modules, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,9 @@ class ConditionalModel(nn.Module):
 
     ``forward(x)`` takes one batch of images in [0, 1] of shape (N, C, H, W) and normalises
     internally, so attacks (torchattacks), RobustBench and timm code use it as an ordinary
-    classifier. λ is set with :meth:`set_lambda` or :func:`oat_plugins.condition`. Build one
-    with :func:`oat_plugins.wrap`.
+    classifier. λ is set with :meth:`set_lambda`, or for a while with :meth:`at`. Build one
+    with :func:`oat_plugins.wrap`. What the model does at each step is the method's (see
+    :class:`~oat_plugins.Method`).
     """
 
     def __init__(
@@ -60,7 +61,7 @@ class ConditionalModel(nn.Module):
                for m in backbone.modules()):
             raise ValueError("this backbone is already conditioned; wrap a plain model")
         self.method = method
-        self.condition = Condition(per_sample=method.per_sample)
+        self.condition = Condition()
         self.extras = nn.ModuleDict()
         self.replacements = method.apply(backbone, self.condition, self.extras)
         self.backbone = backbone
@@ -82,9 +83,20 @@ class ConditionalModel(nn.Module):
         return self.condition.lam
 
     def set_lambda(self, lam: object) -> ConditionalModel:
-        """Set λ: a float in [0, 1] or (if the method allows) a tensor of shape (N,)."""
+        """Set λ: a float in [0, 1] or a tensor of shape (N,), one λ per sample."""
         self.condition.lam = lam
         return self
+
+    @contextlib.contextmanager
+    def at(self, lam: object) -> Iterator[ConditionalModel]:
+        """Hold λ = ``lam`` inside the block; the previous λ (a float or a per-sample tensor)
+        is restored exactly on exit. The one idiom for setting λ for a while.
+
+        >>> with model.at(0.3):
+        ...     logits = model(x)
+        """
+        with self.condition.at(lam):
+            yield self
 
     @property
     def method_name(self) -> str:
@@ -102,7 +114,8 @@ class ConditionalModel(nn.Module):
         return (self.backbone_spec or {}).get("name")
 
     # -- forward and timm passthrough ----------------------------------------------------
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Check ``x`` (images in [0, 1], one λ per sample if λ is per-sample) and normalise."""
         if self.check_inputs:
             _check_images(x, self.in_chans)
         self.condition.check_batch(x.shape[0])
@@ -114,27 +127,27 @@ class ConditionalModel(nn.Module):
         if self.condition.is_scalar or not self.method.lambda_groups:
             return fn(x)
         self.condition.check_batch(x.shape[0])
-        lam = self.condition.lam
-        values = torch.unique(lam)
-        if values.numel() == 1:
-            with self.condition.scalar(float(values[0])):
-                return fn(x)
-        lam = lam.to(x.device)
-        index, outputs = [], []
-        for value in values.tolist():
-            idx = torch.nonzero(lam == value, as_tuple=True)[0]
-            with self.condition.scalar(value):
-                outputs.append(fn(x[idx]))
-            index.append(idx)
-        inverse = torch.argsort(torch.cat(index))
+        groups = lambda_groups(self.condition.lam.to(x.device))
+        outputs = []
+        for value, idx in groups:
+            with self.condition.at(value, validate=False):
+                outputs.append(fn(x if len(groups) == 1 else x[idx]))
+        if len(groups) == 1:
+            return outputs[0]
+        inverse = torch.argsort(torch.cat([idx for _, idx in groups]))
         return _cat_groups(outputs, inverse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(self.backbone, self._prepare(x))
+        return self._run(lambda t: self.method.forward(self, t), self.prepare_inputs(x))
+
+    def training_outputs(self, x: torch.Tensor) -> Any:
+        """What the method's training loss needs for images ``x`` at the current λ (logits
+        for most methods; see ``Method.training_forward``)."""
+        return self._run(lambda t: self.method.training_forward(self, t), self.prepare_inputs(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """timm's ``forward_features`` on [0, 1] images, at the current λ."""
-        return self._run(self.backbone.forward_features, self._prepare(x))
+        return self._run(self.backbone.forward_features, self.prepare_inputs(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """timm's ``forward_head`` on features from :meth:`forward_features`."""
@@ -161,10 +174,10 @@ class ConditionalModel(nn.Module):
     def export(self, lam: float | None = None) -> nn.Module:
         """A standalone plain model computing this model's function at a fixed scalar λ.
 
-        The backbone keeps its own class with every conditioned piece folded (dual norm → the
-        chosen norm with FiLM folded in, weight parametrizations → plain weights); when the
-        model normalises, the result is ``nn.Sequential(normalize, backbone)``. No
-        oat_plugins module remains, and the parameter count is the backbone's.
+        The method folds its conditioning (by default: dual norm → the chosen norm with FiLM
+        folded in, weight parametrizations → plain weights), so the backbone keeps its own
+        class; when the model normalises, the result is ``nn.Sequential(normalize,
+        backbone)``. No oat_plugins module remains.
         """
         lam = self.condition.lam if lam is None else lam
         if not isinstance(lam, (int, float)) or isinstance(lam, bool):
@@ -174,7 +187,7 @@ class ConditionalModel(nn.Module):
                 f"method {self.method_name!r} is configured to draw fresh noise every forward "
                 "(resample); its function at a fixed λ is random and cannot be exported"
             )
-        backbone = self._folded_backbone(lam)
+        backbone = self.method.export(self, float(lam))
         left = foreign_modules(backbone)
         if left:
             raise RuntimeError(f"export left conditioned modules behind: {left[:5]}")
@@ -182,36 +195,29 @@ class ConditionalModel(nn.Module):
             return backbone
         return nn.Sequential(Normalize(*self.normalize_stats), backbone)
 
-    def _folded_backbone(self, lam: float) -> nn.Module:
-        """A copy of the backbone with every conditioned piece folded at scalar ``lam``."""
-        with torch.no_grad():
-            copied = copy.deepcopy(self)
-            copied.set_lambda(lam)
-            return fold_conditioned(copied.backbone)
-
     def summary(self) -> str:
-        """What the method conditioned, the parameter overhead over the backbone and, for
-        masked (sparse) models, the non-zero parameter counts."""
-        plain = self._folded_backbone(0.0)  # at λ = 0 also for resampled noise (none drawn)
-        n_plain = sum(p.numel() for p in plain.parameters())
-        n_total = sum(p.numel() for p in self.parameters())
+        """What the method conditioned, the parameter overhead over the plain backbone, the
+        non-zero parameters of the exported model and whatever the method reports."""
         lines = [
             f"{type(self.backbone).__name__} ({self.backbone_name or 'custom'}) "
             f"conditioned with {self.method_name!r}: {len(self.replacements)} sites",
             summarize(self.replacements),
-            f"  parameters: {n_total:,} vs {n_plain:,} plain "
-            f"(+{n_total - n_plain:,}, {100.0 * (n_total - n_plain) / max(n_plain, 1):+.1f} %)",
         ]
-        kept = masked_density(self)
-        if kept is not None:
-            ours, folded = count_nonzero(self), count_nonzero(plain)
-            lines.append(
-                f"  non-zero parameters: {ours.nonzero:,} of {ours.total:,} "
-                f"({100.0 * ours.density:.1f} %); exported: {folded.nonzero:,} of "
-                f"{folded.total:,} ({100.0 * folded.density:.1f} %); masked weights kept: "
-                f"{100.0 * kept:.1f} %"
-            )
-        return "\n".join(lines)
+        try:  # at λ = 0, also for resampled noise (none is drawn there)
+            plain = self.method.export(self, 0.0)
+        except RuntimeError as err:  # e.g. masks still to be chosen from data
+            lines.append(f"  export not possible yet: {err}")
+        else:
+            n_plain = sum(p.numel() for p in plain.parameters())
+            n_total = sum(p.numel() for p in self.parameters())
+            folded = count_nonzero(plain)
+            lines += [
+                f"  parameters: {n_total:,} vs {n_plain:,} plain (+{n_total - n_plain:,}, "
+                f"{100.0 * (n_total - n_plain) / max(n_plain, 1):+.1f} %)",
+                f"  non-zero parameters exported at λ = 0: {folded.nonzero:,} of "
+                f"{folded.total:,} ({100.0 * folded.density:.1f} %)",
+            ]
+        return "\n".join(lines + self.method.report(self))
 
     def extra_repr(self) -> str:
         lam = self.lam if self.condition.is_scalar else "per-sample"

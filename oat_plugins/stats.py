@@ -1,4 +1,4 @@
-"""Parameter statistics: non-zero counts (sparse models) and masked density."""
+"""Parameter statistics that hold for any model, conditioned or plain."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-
-from .layers.weight_mask import weight_masks
+from torch.nn.utils import parametrize
 
 
 class NonZero(NamedTuple):
@@ -23,33 +22,24 @@ class NonZero(NamedTuple):
 
 @torch.no_grad()
 def count_nonzero(module: nn.Module) -> NonZero:
-    """Non-zero entries over all parameters of ``module`` (each shared tensor counted once).
+    """Non-zero entries of the weights ``module`` actually computes with.
 
-    A parameter under a :class:`~oat_plugins.layers.weight_mask.WeightMask` parametrization
-    counts only its unmasked non-zero entries, i.e. the non-zeros of the weight the model
-    actually uses (at λ = 0 for weight-conditioned methods). Works on conditioned models and
-    on plain (exported) ones alike.
+    A parametrized tensor (weight noise, masks, ...) counts the entries of its effective value
+    at the current λ, not of the stored original; every other parameter counts as stored
+    (each shared tensor once). Works on conditioned models and on plain (exported) ones.
     """
-    masks: dict[int, torch.Tensor] = {}
-    for mod, tensor_name, mask in weight_masks(module):
-        original = mod.parametrizations[tensor_name].original
-        prev = masks.get(id(original))
-        masks[id(original)] = mask.mask if prev is None else prev & mask.mask
     nonzero = total = 0
+    originals: set[int] = set()
+    for mod in module.modules():
+        if not parametrize.is_parametrized(mod):
+            continue
+        for name, plist in mod.parametrizations.items():
+            originals.add(id(plist.original))
+            effective = getattr(mod, name)
+            nonzero += int((effective != 0).sum())
+            total += effective.numel()
     for p in module.parameters():
-        keep = p != 0
-        if id(p) in masks:
-            keep = keep & masks[id(p)]
-        nonzero += int(keep.sum())
-        total += p.numel()
+        if id(p) not in originals:
+            nonzero += int((p != 0).sum())
+            total += p.numel()
     return NonZero(nonzero, total)
-
-
-@torch.no_grad()
-def masked_density(module: nn.Module) -> float | None:
-    """Fraction of entries kept over all masked weights (None when nothing is masked)."""
-    found = weight_masks(module)
-    if not found:
-        return None
-    kept = sum(int(m.mask.sum()) for _, _, m in found)
-    return kept / sum(m.mask.numel() for _, _, m in found)

@@ -348,3 +348,28 @@ def test_training_after_inference_mode_at_the_same_lambda(images):
             model(images)
         model.train()
         model(images).sum().backward()
+
+
+def test_every_lambda_is_served_by_trained_film_codes():
+    """Orthogonal codes: the code of any λ in [0, 1] must lie in the span of the codes the
+    sampler trains (else its FiLM generators see an untrained direction); a sampler that
+    leaves a code untrained is refused."""
+    from oat_plugins.samplers import DiscreteLambdaSampler
+
+    trained = (0.0, 0.5, 1.0)
+    model = oat_plugins.wrap(timm.create_model("resnet10t", num_classes=10), "film",
+                             lambdas=trained)
+    sampler = DiscreteLambdaSampler(trained)
+    model.method.check_sampler(sampler)  # the codes follow the training set
+    encoder = model.extras["encoder"]
+    basis = encoder(torch.tensor(sampler.lambdas))  # codes of the λ values training draws
+    codes = encoder(torch.linspace(0, 1, 21))
+    residual = codes - codes @ torch.linalg.pinv(basis) @ basis
+    assert float(residual.abs().max()) < 1e-5
+
+    default = oat_plugins.wrap(timm.create_model("resnet10t", num_classes=10), "film")
+    with pytest.raises(ValueError, match="stay untrained"):
+        default.method.check_sampler(sampler)
+    sinusoidal = oat_plugins.wrap(timm.create_model("resnet10t", num_classes=10), "film",
+                                  encoding="sinusoidal")
+    sinusoidal.method.check_sampler(sampler)  # a continuous code has no untrained entries

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 
 import pytest
 import timm
@@ -14,11 +16,12 @@ from torch.nn.utils import parametrize
 
 import oat_plugins
 from oat_plugins.layers import DualNorm
-from oat_plugins.layers.weight_mask import WeightMask, masks_from_scores, weight_masks
+from oat_plugins.layers.mask_selection import masks_from_scores
+from oat_plugins.layers.weight_mask import WeightMask, masked_density, weight_masks
 from oat_plugins.layers.weight_noise import WeightNoise
 from oat_plugins.methods.float import snip_prune
 from oat_plugins.samplers import ExtremesLambdaSampler
-from oat_plugins.stats import count_nonzero, masked_density
+from oat_plugins.stats import count_nonzero
 from oat_plugins.surgery import foreign_modules
 
 X = (2, 3, 32, 32)
@@ -366,15 +369,22 @@ def test_masks_from_scores_exact_counts():
 def test_snip_masks_need_data_then_follow_saliency(tmp_path):
     plain, model = small("floats", density=0.2, prune="snip")
     x, y = torch.rand(4, 3, 32, 32), torch.randint(10, (4,))
-    with pytest.raises(RuntimeError, match="snip_prune"):
+    with pytest.raises(RuntimeError, match="prepare"):
         model(x)
-    with pytest.raises(RuntimeError, match="snip_prune"):
+    with pytest.raises(RuntimeError, match="prepare"):
         model.export(0.0)
-    # the reference saliency |dL/dW * W| of the plain backbone (train mode, as the model)
+    # The reference saliency |dL/dW * W| of the plain backbone (train mode, as the model),
+    # measured with timm's zero-initialised last norms of residual branches opened (at that
+    # point every score in a branch is exactly 0 and a mask would be an arbitrary tie-break).
     plain.train()
+    with torch.no_grad():
+        for m in plain.modules():
+            if isinstance(m, nn.BatchNorm2d) and not m.weight.any():
+                m.weight.fill_(1.0)
     F.cross_entropy(plain(x), y).backward()
     ref = plain.stages[2][0].conv1_kxk.conv
     saliency = (ref.weight.grad * ref.weight).abs().detach()
+    assert (saliency > 0).float().mean() > 0.5  # an informative layer, not 0 >= 0
 
     model.train().set_lambda(0.4)
     stats = model.backbone.stem.bn.clean.running_mean.clone()
@@ -437,3 +447,38 @@ def test_families(name):
         assert diff <= 1e-4 and diff <= 1e-3 * scale
     assert n_params(exported) == n_plain and foreign_modules(exported) == []
     assert {type(m) for m in exported.modules() if isinstance(m, nn.Conv2d)} == conv_types
+
+
+def test_snip_scores_residual_branches_that_timm_zero_initialises():
+    """timm zero-initialises the last norm of every residual block: gradient saliency is then
+    exactly 0 in every branch conv. The masks must still follow a real score there."""
+    _, model = small("floats", density=0.3, prune="snip")
+    zero_norm_branches = [m for m in model.backbone.modules()
+                          if isinstance(m, DualNorm) and not m.clean.weight.any()]
+    assert zero_norm_branches, "test backbone should zero-initialise residual norms"
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(10, (4,))
+    with warnings_as_errors():
+        snip_prune(model, x, y)  # no layer falls back: every score is informative
+    for _, name, mask in weight_masks(model):
+        assert abs(mask.density - 0.3) <= 0.02, name
+
+
+def test_snip_re_pruning_never_revives_pruned_weights():
+    _, model = small("floats", density=0.5)  # magnitude masks, zeroed weights
+    before = [mask.mask.clone() for _, _, mask in weight_masks(model)]
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(10, (4,))
+    snip_prune(model, x, y, density=0.3)
+    for (mod, name, mask), old in zip(weight_masks(model), before, strict=True):
+        assert not bool((mask.mask & ~old).any()), "a pruned weight came back"
+        assert abs(mask.density - 0.3) <= 0.02
+        effective = mod.parametrizations[name].original * mask.mask
+        assert abs(float((effective != 0).float().mean()) - 0.3) <= 0.02
+    with pytest.raises(ValueError, match="never revived"):
+        snip_prune(model, x, y, density=0.6)
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield

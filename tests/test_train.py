@@ -566,11 +566,9 @@ def test_fit_rejects_a_dataset_smaller_than_a_batch(tmp_path):
         fit(tiny_model(), tiny_data(8), tiny_config(), tmp_path)
 
 
-def test_fit_asks_the_method_whether_it_can_train_with_the_sampler(tmp_path):
-    """film's orthogonal codes are built for its λ set: a sampler drawing other λ is refused
-    before training (the method's check_sampler)."""
-    with pytest.raises(ValueError, match="untrained"):
-        fit(tiny_model(), tiny_data(), tiny_config(lambdas=(0.0, 0.5)), tmp_path)
+def test_fit_refuses_a_lambda_set_that_leaves_film_codes_untrained(tmp_path):
+    with pytest.raises(ValueError, match=r"codes of \[0.1, 0.2, 0.3, 0.4\] would stay untrained"):
+        fit(tiny_model(), tiny_data(), tiny_config(lambdas=(0.0, 1.0)), tmp_path)
     assert not (tmp_path / "last.pt").exists()
 
 

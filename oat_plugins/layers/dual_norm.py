@@ -66,9 +66,12 @@ class DualNorm(ConditionedModule):
             return self.clean(x)
         if n_clean == 0:
             return self.robust(x)
-        out = torch.empty_like(x)
-        out[clean] = self.clean(x[clean])
-        out[~clean] = self.robust(x[~clean])
+        from_clean, from_robust = self.clean(x[clean]), self.robust(x[~clean])
+        # Under autocast a norm may return float32 for half inputs (GroupNorm, LayerNorm):
+        # the combined output takes the branches' dtype, not the input's.
+        out = x.new_empty(x.shape, dtype=torch.promote_types(from_clean.dtype, from_robust.dtype))
+        out[clean] = from_clean.to(out.dtype)
+        out[~clean] = from_robust.to(out.dtype)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

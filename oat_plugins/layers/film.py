@@ -22,7 +22,7 @@ class FiLM(ConditionedModule):
         self,
         channels: int,
         channel_dim: int,
-        encoding_dim: int,
+        encoder: nn.Module,
         condition: Condition,
         identity_init: bool = True,
     ) -> None:
@@ -30,8 +30,11 @@ class FiLM(ConditionedModule):
         self.channels = channels
         self.channel_dim = channel_dim
         self.identity_init = identity_init
+        # Shared by every FiLM of the model and owned by its ``extras``: a plain attribute,
+        # not a submodule, so its buffers are saved once (deepcopy keeps the sharing).
+        object.__setattr__(self, "encoder", encoder)
         self.net = nn.Sequential(
-            nn.Linear(encoding_dim, 2 * channels),
+            nn.Linear(encoder.dim, 2 * channels),
             nn.LeakyReLU(),
             nn.Linear(2 * channels, 2 * channels),
         )
@@ -41,7 +44,9 @@ class FiLM(ConditionedModule):
 
     def affine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(γ, β), each (B, C), for the current λ (B = 1 for a scalar λ)."""
-        gamma, beta = self.net(self.condition.encoding(x)).chunk(2, dim=1)
+        # The λ code is computed once per λ (float32) and shared by every FiLM of the model.
+        code = self.condition.cached(("film-encoding", id(self.encoder)), x, self.encoder)
+        gamma, beta = self.net(code.to(self.net[0].weight.dtype)).chunk(2, dim=1)
         if self.identity_init:
             return 1 + gamma, beta
         return F.leaky_relu(gamma), F.leaky_relu(beta)

@@ -1,5 +1,5 @@
-"""A fixed binary weight mask W ↦ W ⊙ M as a ``torch.nn.utils.parametrize`` parametrization,
-and one-shot mask selection from scores (magnitude, saliency) at a target density."""
+"""A fixed binary weight mask W ↦ W ⊙ M as a ``torch.nn.utils.parametrize`` parametrization.
+Which entries to keep is chosen by :mod:`oat_plugins.layers.mask_selection`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .base import FoldableParametrization
-
-PRUNE_SCOPES = ("layer", "global")
 
 
 class WeightMask(FoldableParametrization):
@@ -41,8 +39,8 @@ class WeightMask(FoldableParametrization):
         if self.pending:
             raise RuntimeError(
                 "this weight mask has not been chosen yet (a data-driven pruning criterion "
-                "such as prune='snip' needs a batch): call "
-                "oat_plugins.methods.float.snip_prune(model, x, y) first"
+                "such as prune='snip' needs a batch): call model.method.prepare(model, x, y) "
+                "(oat_plugins.train.fit does) first"
             )
         return weight * self.mask
 
@@ -68,41 +66,6 @@ class WeightMask(FoldableParametrization):
         return f"density={self.density:.4f}" + (", pending" if self.pending else "")
 
 
-def masks_from_scores(
-    scores: Sequence[torch.Tensor], density: float, scope: str = "layer"
-) -> list[torch.Tensor]:
-    """Boolean masks keeping the highest scores at ``density`` (fraction kept).
-
-    ``scope='layer'``: each tensor keeps round(density·n) entries (at least one), so every
-    layer stays alive and each layer's density is within 1/n of the target.
-    ``scope='global'``: the top round(density·N) of all N scores together (layers of larger
-    score scale keep more). Ties are broken by ``torch.topk``; exactly k entries are kept.
-    """
-    check_density(density)
-    if scope not in PRUNE_SCOPES:
-        raise ValueError(f"unknown prune scope {scope!r}; choose one of {list(PRUNE_SCOPES)}")
-    if scope == "layer":
-        return [_topk_mask(s.flatten(), max(1, round(density * s.numel()))).view_as(s)
-                for s in scores]
-    flat = torch.cat([s.detach().flatten().float() for s in scores])
-    keep = _topk_mask(flat, max(1, round(density * flat.numel())))
-    parts = keep.split([s.numel() for s in scores])
-    return [m.view_as(s) for m, s in zip(parts, scores, strict=True)]
-
-
-def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    mask[torch.topk(scores.detach().float(), k, sorted=False).indices] = True
-    return mask
-
-
-def check_density(density: float) -> None:
-    if isinstance(density, bool) or not isinstance(density, (int, float)) \
-            or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must be a number in (0, 1] (fraction of weights kept), "
-                         f"got {density!r}")
-
-
 @torch.no_grad()
 def apply_mask(module: nn.Module, mask: WeightMask, tensor_name: str = "weight") -> None:
     """Register ``mask`` as the last parametrization of ``module.<tensor_name>`` and zero the
@@ -123,3 +86,14 @@ def weight_masks(root: nn.Module) -> list[tuple[nn.Module, str, WeightMask]]:
             for tensor_name, plist in module.parametrizations.items():
                 found += [(module, tensor_name, p) for p in plist if isinstance(p, WeightMask)]
     return found
+
+
+@torch.no_grad()
+def masked_density(root: nn.Module) -> float | None:
+    """Fraction of entries kept over all masked weights under ``root`` (None when nothing is
+    masked)."""
+    found = weight_masks(root)
+    if not found:
+        return None
+    kept = sum(int(m.mask.sum()) for _, _, m in found)
+    return kept / sum(m.mask.numel() for _, _, m in found)

@@ -59,6 +59,10 @@ class Film(Method):
     name = "film"
     Options = FilmOptions
 
+    @property
+    def identity_at_zero(self) -> bool:  # type: ignore[override]
+        return self.options.identity_init
+
     def apply(
         self, backbone: nn.Module, condition: Condition, extras: nn.ModuleDict
     ) -> list[Replacement]:
@@ -67,14 +71,13 @@ class Film(Method):
             opts.encoding, dim=opts.encoding_dim, lambdas=opts.lambdas, seed=opts.seed
         )
         extras["encoder"] = encoder
-        condition.set_encoder(encoder)
         skip = re.compile(opts.film_skip)
 
         def dual_norm(name: str, norm: nn.Module) -> nn.Module:
             film = None
             if skip.search(name) is None:
                 film = FiLM(
-                    norm_channels(norm), channel_dim(norm), encoder.dim, condition,
+                    norm_channels(norm), channel_dim(norm), encoder, condition,
                     opts.identity_init,
                 )
             return DualNorm(norm, condition, post=film)
@@ -95,3 +98,19 @@ class Film(Method):
 
     def default_sampler(self) -> LambdaSampler:
         return DiscreteLambdaSampler(self.options.lambdas)
+
+    def check_sampler(self, sampler: LambdaSampler) -> None:
+        """Orthogonal codes: every code must be trained. The code of a λ that the sampler
+        never draws is orthogonal to every trained code, so its FiLM generators get no
+        gradient, and λ near it would be served by the random initial projection."""
+        trained = getattr(sampler, "lambdas", None)
+        if self.options.encoding != "orthogonal" or trained is None:
+            return  # continuous encodings (and continuous samplers) leave no code untrained
+        untrained = sorted(set(self.options.lambdas) - {float(v) for v in trained})
+        if untrained:
+            raise ValueError(
+                f"film's orthogonal λ codes are for {list(self.options.lambdas)}, but training "
+                f"draws λ from {sorted(trained)}: the codes of {untrained} would stay untrained. "
+                f"Wrap with lambdas={tuple(sorted(trained))} (oat-plugins train --lambdas "
+                "sets both) or use encoding='sinusoidal'"
+            )

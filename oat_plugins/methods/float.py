@@ -10,27 +10,32 @@ robust branch at λ > 0). With ``density`` set, a fixed binary mask M makes the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..condition import Condition
 from ..layers import DualNorm, is_norm
-from ..layers.weight_mask import (
-    PRUNE_SCOPES,
-    WeightMask,
-    apply_mask,
+from ..layers.mask_selection import (
     check_density,
+    check_scope,
+    magnitude_scores,
     masks_from_scores,
-    weight_masks,
+    saliency_scores,
 )
+from ..layers.weight_mask import WeightMask, apply_mask, masked_density, weight_masks
 from ..layers.weight_noise import NOISE_MODES, WeightNoise
 from ..samplers import ExtremesLambdaSampler, LambdaSampler
 from ..surgery import NothingToConditionError, Replacement, replace_modules
 from .base import Method, register_method
+
+if TYPE_CHECKING:
+    from ..model import ConditionalModel
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Convolutions whose weight is conditioned (timm subclasses such as Conv2dSame, StdConv2d
@@ -56,7 +61,8 @@ class FloatOptions:
     density: FLOATS: fraction of the conditioned weights kept by a fixed one-shot mask
         (None: dense FLOAT).
     prune: mask criterion: ``'magnitude'`` (|W| at wrap time) or ``'snip'`` (|∂L/∂W ⊙ W| on a
-        batch; the masks stay pending until :func:`snip_prune` is called with data).
+        batch; the masks stay pending until the method's ``prepare`` (called by ``fit`` with
+        the first batch) or :func:`snip_prune` chooses them).
     prune_scope: ``'layer'`` (each layer kept at ``density``) or ``'global'`` (one threshold).
     seed: seed of the fixed noise (layer i uses a generator seeded from (seed, i)).
     """
@@ -82,9 +88,7 @@ class FloatOptions:
         if self.prune not in PRUNE_CRITERIA:
             raise ValueError(f"unknown prune criterion {self.prune!r}; choose one of "
                              f"{list(PRUNE_CRITERIA)}")
-        if self.prune_scope not in PRUNE_SCOPES:
-            raise ValueError(f"unknown prune_scope {self.prune_scope!r}; choose one of "
-                             f"{list(PRUNE_SCOPES)}")
+        check_scope(self.prune_scope)
         self.alpha_init = float(self.alpha_init)
         self.seed = int(self.seed)
 
@@ -133,6 +137,10 @@ class Float(Method):
     Options = FloatOptions
     lambda_groups = True
 
+    @property
+    def identity_at_zero(self) -> bool:  # type: ignore[override]
+        return self.options.density is None  # a mask changes the weights at every λ
+
     def apply(
         self, backbone: nn.Module, condition: Condition, extras: nn.ModuleDict
     ) -> list[Replacement]:
@@ -165,7 +173,7 @@ class Float(Method):
         masks: list[WeightMask | None] = [None] * len(sites)
         if opts.density is not None:
             if opts.prune == "magnitude":
-                chosen = masks_from_scores([m.weight.detach().abs() for _, m in sites],
+                chosen = masks_from_scores(magnitude_scores([m.weight for _, m in sites]),
                                            opts.density, opts.prune_scope)
                 masks = [WeightMask(c.shape, c) for c in chosen]
             else:
@@ -189,6 +197,21 @@ class Float(Method):
                                     lambda _, m: DualNorm(m, condition), "DualNorm")
         return done
 
+    def prepare(self, model: ConditionalModel, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Choose pending data-driven masks (``prune='snip'``) on this batch; nothing
+        otherwise."""
+        if any(mask.pending for _, _, mask in weight_masks(model.backbone)):
+            snip_prune(model, x, y)
+
+    def report(self, model: ConditionalModel) -> list[str]:
+        found = weight_masks(model.backbone)
+        if not found:
+            return []
+        if any(mask.pending for _, _, mask in found):
+            return ["  masks: pending (chosen from the first training batch by prepare)"]
+        return [f"  masked weights kept: {100.0 * masked_density(model.backbone):.1f} % "
+                f"({self.options.prune}, {self.options.prune_scope} scope)"]
+
     def default_sampler(self) -> LambdaSampler:
         """FLOAT's two extremes: half of each batch at λ = 0, half at λ = 1."""
         return ExtremesLambdaSampler()
@@ -203,7 +226,7 @@ class Floats(Float):
 
 
 def snip_prune(
-    model: nn.Module,
+    model: ConditionalModel,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
@@ -215,9 +238,11 @@ def snip_prune(
     ``model`` is a :class:`~oat_plugins.ConditionalModel` wrapped with a density (``floats``,
     or ``float`` with ``density=``); ``x`` are images in [0, 1], ``y`` class indices, L the
     cross-entropy at λ = 0 (clean weights, clean norms) in the model's current train/eval
-    mode. Buffers (e.g. BatchNorm running statistics) are restored afterwards. ``density`` and
-    ``scope`` default to the model's options. Masked weights are zeroed and the option
-    ``prune`` becomes ``'snip'``. Call it once, before training (non-iterative pruning).
+    mode, measured as :func:`~oat_plugins.layers.mask_selection.saliency_scores` describes
+    (residual branches open; parameters and buffers restored). Weights that are already
+    pruned are never revived. ``density`` and ``scope`` default to the model's options.
+    Masked weights are zeroed and the option ``prune`` becomes ``'snip'``. Call it once,
+    before training (non-iterative pruning); ``fit`` does it for ``prune='snip'``.
     """
     found = weight_masks(model)
     options = getattr(getattr(model, "method", None), "options", None)
@@ -227,37 +252,30 @@ def snip_prune(
     density = options.density if density is None else density
     scope = options.prune_scope if scope is None else scope
     check_density(density)
-    if scope not in PRUNE_SCOPES:
-        raise ValueError(f"unknown prune scope {scope!r}; choose one of {list(PRUNE_SCOPES)}")
-
+    check_scope(scope)
+    masks = [mask for _, _, mask in found]
     originals = [mod.parametrizations[name].original for mod, name, _ in found]
-    saved_masks = [(mask.mask.clone(), mask.pending) for _, _, mask in found]
-    saved_buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    saved_lam = model.lam
-    try:
-        for _, _, mask in found:  # score every weight: masks open while measuring
-            mask.set_mask(torch.ones_like(mask.mask))
-        model.set_lambda(0.0)
-        with torch.enable_grad():
-            loss = F.cross_entropy(model(x), y)
-            grads = torch.autograd.grad(loss, originals)
-    except BaseException:
-        for (_, _, mask), (m, pending) in zip(found, saved_masks, strict=True):
-            mask.set_mask(m)
-            mask.pending = pending
-        raise
-    finally:
-        model.set_lambda(saved_lam)
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                if k in saved_buffers and v is not None:
-                    v.copy_(saved_buffers[k])
-    scores = [(g * w).abs() for g, w in zip(grads, originals, strict=True)]
+    alive = [mask.mask.clone() for mask in masks]  # a pending mask is all ones
+    with _measurable(masks), model.at(0.0):
+        scores = saliency_scores(model, originals, x, y)
+    chosen = masks_from_scores(scores, density, scope, alive=alive)
     with torch.no_grad():
-        for (_, _, mask), chosen, original in zip(found, masks_from_scores(scores, density, scope),
-                                                  originals, strict=True):
-            mask.set_mask(chosen)
-            original.mul_(chosen.to(original.dtype))
+        for mask, keep, original in zip(masks, chosen, originals, strict=True):
+            mask.set_mask(keep)
+            original.mul_(keep.to(original.dtype))
     options.prune = "snip"
     options.density = float(density)
     options.prune_scope = scope
+
+
+@contextlib.contextmanager
+def _measurable(masks: list[WeightMask]) -> Iterator[None]:
+    """Let pending (all-ones) masks run a forward while their saliency is measured."""
+    pending = [mask.pending for mask in masks]
+    for mask in masks:
+        mask.pending = False
+    try:
+        yield
+    finally:
+        for mask, was in zip(masks, pending, strict=True):
+            mask.pending = was

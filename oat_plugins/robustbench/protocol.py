@@ -8,6 +8,7 @@ computed on the same images; with ``to_disk`` one RobustBench JSON entry is writ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -70,7 +71,7 @@ def check_lambda(lam: Any) -> float:
 
 
 def _is_conditional(model: Any) -> bool:
-    return hasattr(model, "set_lambda") and hasattr(model, "lam")
+    return hasattr(model, "set_lambda") and hasattr(model, "at")
 
 
 def _load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
@@ -136,12 +137,11 @@ def model_at(model: nn.Module | str | os.PathLike, lam: float | None) -> Iterato
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module or a checkpoint path, got {type(model).__name__}")
     was_training = model.training
-    old_lam = model.lam if _is_conditional(model) else None
+    scoped = _is_conditional(model) and lam is not None
     try:
-        yield prepare_model(model, lam)
+        with model.at(check_lambda(lam)) if scoped else contextlib.nullcontext():
+            yield prepare_model(model, lam)
     finally:
-        if old_lam is not None:
-            model.set_lambda(old_lam)
         model.train(was_training)
 
 
