@@ -69,14 +69,16 @@ CHECKPOINT_NAME = "last.pt"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 SCHEDULES = ("cosine", "step", "constant")
-AMP_DTYPES = ("float16", "bfloat16")
-STOP_SIGNALS = ("SIGTERM", "SIGINT")
 ATTACKS = ("pgd", "fgsm-rs", "<any torchattacks class name, e.g. TPGD, PGDL2>")
 
 AttackFactory = Callable[[nn.Module], torchattacks.attack.Attack]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 AutocastFactory = Callable[[], contextlib.AbstractContextManager]
+
+AMP_DTYPES = ("float16", "bfloat16")
+STOP_SIGNALS = ("SIGTERM", "SIGINT")
+"""Signals that stop a run cleanly after the current step (with a checkpoint)."""
 
 # Settings a resumed run may change without a warning (where and how it runs, not what).
 _RUNTIME_FIELDS = ("max_steps", "progress", "device", "num_workers", "log_every",
