@@ -54,7 +54,8 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
+    different = [k for k in a if not (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor)
+                                      else a[k] == b[k])]  # e.g. a mask's extra state
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
@@ -644,7 +645,7 @@ def test_cli_trains_floats_with_snip_masks(tmp_path):
 
 def test_cli_train_exits_143_on_sigterm_and_resumes(tmp_path):
     out = tmp_path / "preempted"
-    args = ["train", *TINY_CLI, "--epochs", "20", "--limit-train", "32", "--eval-samples", "0",
+    args = ["train", *TINY_CLI, "--epochs", "10", "--limit-train", "32", "--eval-samples", "0",
             "--log-every", "1", "--out", os.fspath(out)]
     proc = subprocess.Popen([sys.executable, "-m", "oat_plugins.cli", *args], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -660,9 +661,9 @@ def test_cli_train_exits_143_on_sigterm_and_resumes(tmp_path):
     assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     assert not (out / "model.pt").exists()
     step = torch.load(out / "last.pt", weights_only=True)["global_step"]
-    assert 1 <= step < 40
+    assert 1 <= step < 20
     assert cli_main([*args, "--resume"]) == 0
-    assert torch.load(out / "last.pt", weights_only=True)["global_step"] == 40
+    assert torch.load(out / "last.pt", weights_only=True)["global_step"] == 20
 
 
 @pytest.mark.parametrize(("args", "message"), [
