@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,14 @@ def test_fit_trains_film_and_writes_checkpoint_and_metrics(tmp_path):
         model.set_lambda(lam)
         loaded.set_lambda(lam)
         assert torch.equal(model(x), loaded(x))
+
+
+def test_clean_only_evaluation(tmp_path):
+    config = tiny_config(epochs=1, eval_adversarial=False, eval_lambdas=(0.0, 0.5))
+    record = fit(tiny_model(), tiny_data(), config, tmp_path,
+                 eval_data=tiny_data(16, "test"))["history"][0]
+    assert {k for k in record if k.startswith("eval_")} == {"eval_clean_acc@0",
+                                                            "eval_clean_acc@0.5"}
 
 
 def test_fit_reduces_the_loss_on_a_fixed_batch(tmp_path):
@@ -449,6 +458,11 @@ def test_ddp_two_processes_on_cpu_with_gloo(tmp_path, method):
         assert [h["loss"] for h in resumed["history"]] == losses
     if method != "film":
         return
+    for r in (0, 1):  # both ranks stopped after the signalled step, and resumed exactly
+        stop = torch.load(out / "preempted" / f"stop{r}.pt", weights_only=True)
+        assert stop == {"stopped_by": "SIGTERM", "global_step": 3}
+        preempted = torch.load(out / "preempted" / f"rank{r}.pt", weights_only=True)
+        _assert_same_state(full[r]["state_dict"], preempted["state_dict"])
     unused = [torch.load(out / "unused" / f"rank{r}.pt", weights_only=True)["state_dict"]
               for r in (0, 1)]
     _assert_same_state(unused[0], unused[1])
@@ -456,6 +470,24 @@ def test_ddp_two_processes_on_cpu_with_gloo(tmp_path, method):
         if ".clean." in key and key.endswith(("weight", "bias")):
             assert torch.equal(value, initial[key]), key  # no λ = 0 sample: untouched
     assert not torch.equal(unused[0][fc], initial[fc])
+
+
+def test_fit_in_a_thread_leaves_signal_handlers_alone(tmp_path):
+    """Only the main thread may install signal handlers: elsewhere fit trains without."""
+    previous = signal.getsignal(signal.SIGTERM)
+    results, errors = [], []
+
+    def train():
+        try:
+            results.append(fit(tiny_model(), tiny_data(), tiny_config(max_steps=1), tmp_path))
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    thread.join()
+    assert not errors and results[0]["global_step"] == 1
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_ddp_syncs_only_the_norm_running_statistics():

@@ -9,9 +9,10 @@ With --pause-at-step, at step K it prints ``paused at step K`` and waits for a l
 the test sends SIGTERM, then the line, so the signal arrives in the middle of step K; the run
 prints ``stopped_by <what>`` when fit returns. With --ddp the script joins the process group
 itself and trains twice: OUT/full uninterrupted, and OUT/resumed stopped after --interrupt-at
-steps then resumed; for film OUT/unused then trains one epoch with no λ = 0 sample (unused
-clean norm branches); every rank writes OUT/<run>/rank<r>.pt with its final state_dict and
-history.
+steps then resumed; for film, OUT/preempted is stopped by a SIGTERM that only rank 1 receives
+during step --interrupt-at, then resumed, and OUT/unused trains one epoch with no λ = 0 sample
+(unused clean norm branches); every rank writes OUT/<run>/rank<r>.pt with its final
+state_dict and history.
 """
 
 from __future__ import annotations
@@ -62,6 +63,21 @@ class PausingSampler(DiscreteLambdaSampler):
         return super().__call__(batch_size, generator)
 
 
+class SignallingSampler(DiscreteLambdaSampler):
+    """OAT's sampler that sends its own process SIGTERM at its ``at``-th call on rank
+    ``rank`` only (the other ranks must stop at the same step)."""
+
+    def __init__(self, at: int, rank: int) -> None:
+        super().__init__()
+        self.at, self.rank, self.calls = at, rank, 0
+
+    def __call__(self, batch_size, generator=None):
+        self.calls += 1
+        if self.calls == self.at and dist.get_rank() == self.rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().__call__(batch_size, generator)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -102,6 +118,14 @@ def main() -> None:
     resumed = tiny_model(seed=7, method=args.method)
     runs.append(("resumed", resumed, fit(resumed, data, config(), out / "resumed", resume=True)))
     if args.method == "film":
+        # SIGTERM reaches rank 1 only, during step --interrupt-at: both ranks stop after it.
+        stopped = fit(tiny_model(), data, config(), out / "preempted",
+                      sampler=SignallingSampler(args.interrupt_at, rank=1))
+        torch.save({"stopped_by": stopped["stopped_by"], "global_step": stopped["global_step"]},
+                   out / "preempted" / f"stop{rank}.pt")
+        preempted = tiny_model(seed=11)
+        runs.append(("preempted", preempted,
+                     fit(preempted, data, config(), out / "preempted", resume=True)))
         # No λ = 0 sample anywhere: the clean norm branches get no gradient (DDP must cope).
         lambdas = (0.5, 1.0)
         unused = tiny_model(encoding="sinusoidal")  # continuous codes: any λ set trains them
