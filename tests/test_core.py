@@ -373,3 +373,39 @@ def test_every_lambda_is_served_by_trained_film_codes():
     sinusoidal = oat_plugins.wrap(timm.create_model("resnet10t", num_classes=10), "film",
                                   encoding="sinusoidal")
     sinusoidal.method.check_sampler(sampler)  # a continuous code has no untrained entries
+
+
+class _Float32GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype: what CUDA autocast does."""
+
+    def forward(self, x):
+        return super().forward(x.float())
+
+
+def test_mixed_lambda_dual_norm_combines_branches_of_another_dtype():
+    from timm.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    backbone = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, channels=(8, 16, 32, 64),
+                      stem_width=8, norm_layer=lambda c: _Float32GroupNorm(4, c))
+    model = perturb(oat_plugins.wrap(backbone, "film", normalize=None))
+    x = torch.rand(4, 3, 32, 32)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with model.at(torch.tensor([0.0, 1.0, 0.0, 1.0])), torch.no_grad(), bf16:
+        mixed = model(x).float()
+    for i, lam in enumerate([0.0, 1.0, 0.0, 1.0]):
+        with model.at(lam), torch.no_grad(), bf16:
+            torch.testing.assert_close(mixed[i], model(x[i:i + 1]).float()[0],
+                                       rtol=2e-2, atol=2e-2)
+
+
+def test_lambda_codes_are_exact_under_bfloat16_autocast():
+    model = oat_plugins.wrap(timm.create_model("resnet10t", num_classes=10), "film",
+                             encoding="sinusoidal")
+    encoder = model.extras["encoder"]
+    film = next(m for m in model.modules() if isinstance(m, FiLM))
+    h = torch.zeros(1, film.channels, 2, 2, dtype=torch.bfloat16)
+    with model.at(0.3), torch.autocast("cpu", dtype=torch.bfloat16):
+        code = model.condition.cached(("film-encoding", id(encoder)), h, encoder)
+    assert code.dtype == torch.float32
+    torch.testing.assert_close(code, encoder(torch.tensor([0.3])))
