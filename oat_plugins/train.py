@@ -317,7 +317,8 @@ def adversarial_examples(model: ConditionalModel, attack: torchattacks.attack.At
     batch (APGD, FAB, Square, AutoAttack) see a consistent model."""
     x_adv = torch.empty_like(x)
     for value, idx in lambda_groups(lam):
-        with model.at(value):
+        # frozen: each group's conditioned weights are folded once per attack, not per step
+        with model.at(value), model.frozen():
             x_adv[idx] = attack(x[idx], y[idx]).detach()
     return x_adv
 
