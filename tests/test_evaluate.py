@@ -179,6 +179,27 @@ def test_attack_factory_and_cw_stay_in_the_ball(model, data):
     assert float(adv.min()) >= 0 and float(adv.max()) <= 1
 
 
+@pytest.mark.parametrize("attack", ["apgd", "apgd-t", "square", "cw", "autoattack"])
+def test_attack_runs_through_evaluate(model, data, attack):
+    """Every named attack through evaluate() on the perturbed model (8 images, 3 steps or
+    queries; autoattack is torchattacks' full preset, cheap here because APGD-CE already
+    breaks every image): robust ≤ clean at each λ, the attack actually breaks images,
+    and a second run gives the same numbers."""
+    x, y = data
+    kwargs = dict(attack=attack, steps=3, n_examples=8, batch_size=8, progress=False)
+    result = evaluate(model, data, [0.0, 1.0], **kwargs)
+    assert result.meta["attack_name"] == attack
+    for row in result:
+        assert row.n == 8 and row.attack == result.meta["attack"]
+        assert row.clean_acc == pytest.approx(_accuracy(model, x[:8], y[:8], row.lam))
+        assert 0.0 <= row.robust_acc <= row.clean_acc <= 1.0
+    assert result.row(0.0).clean_acc > 0
+    # an undefended random network at ε = 8/255: every attack breaks some correct image
+    assert sum(result.robust_acc) < sum(result.clean_acc)
+    again = evaluate(model, data, [0.0, 1.0], **kwargs)
+    assert again.robust_acc == result.robust_acc
+
+
 def test_non_deterministic_model_warns_about_eot(data, caplog):
     m = oat_plugins.wrap("resnet10t", "float", model_kwargs=TINY, noise="resample").eval()
     assert not m.deterministic

@@ -67,9 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="resize ImageFolder images to this size")
     parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
-                        help="train on the first N training images only (smoke runs)")
+                        help="train on N training images only (smoke runs): a class-balanced "
+                        "subset drawn with --seed")
     parser.add_argument("--eval-samples", type=int, default=1000, metavar="N",
-                        help="test images evaluated after each epoch (0: no evaluation)")
+                        help="test images evaluated after each epoch, a class-balanced subset "
+                        "drawn with --seed (0: no evaluation)")
     parser.add_argument("--epochs", type=positive_int, default=200, help="training epochs")
     parser.add_argument("--batch-size", type=positive_int, default=128,
                         help="global batch size (split over torchrun processes)")
@@ -106,7 +108,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from torch.utils.data import Subset
 
     import oat_plugins
     from oat_plugins import data as datasets
@@ -130,11 +131,12 @@ def run(args: argparse.Namespace) -> int:
     train_data = datasets.load_dataset(args.data, "train", data_dir=args.data_dir,
                                        download=download, image_size=args.image_size)
     if args.limit_train is not None:
-        train_data = Subset(train_data, range(min(args.limit_train, len(train_data))))
+        train_data = datasets.balanced_subset(train_data, args.limit_train, args.seed)
     eval_data = None
     if args.eval_samples > 0:
         eval_data = datasets.load_dataset(args.data, "test", data_dir=args.data_dir,
                                           download=download, image_size=args.image_size)
+        eval_data = datasets.balanced_subset(eval_data, args.eval_samples, args.seed)
     model_kwargs = dict(args.model_kwargs or {})
     model_kwargs.setdefault("num_classes", datasets.num_classes(args.data, args.data_dir))
     stats = datasets.dataset_stats(args.data)
