@@ -28,6 +28,7 @@ from .registry import (
     get_attack,
     register_attack,
     resolve_attack,
+    unregister_attack,
 )
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "get_attack",
     "register_attack",
     "resolve_attack",
+    "unregister_attack",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "get_attack",
     "register_attack",
     "resolve_attack",
+    "unregister_attack",
 ]
 
 AttackFactory = Callable[[nn.Module], Attack]
@@ -142,6 +143,16 @@ def register_attack(
     ATTACKS[key] = AttackSpec(key, builder, norm, label, tuple(aliases), default_alpha, help)
     _KEYS.update(dict.fromkeys(keys, key))
     return builder
+
+
+def unregister_attack(name: str) -> None:
+    """Remove a registered attack (by name or alias) and its aliases."""
+    spec = get_attack(name)
+    if ATTACKS.get(spec.name) is not spec:
+        raise ValueError(f"{name!r} names torchattacks.{spec.name}, not a registered attack")
+    del ATTACKS[spec.name]
+    for key in [k for k, v in _KEYS.items() if v == spec.name]:
+        del _KEYS[key]
 
 
 def available_attacks() -> list[str]:
