@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..attacks import attack_names_help
 from ._common import json_object, number, parse_lambdas, positive_int
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="share of each batch at λ = 0 with --lambdas "
                         "(default 1/len(lambdas))")
     parser.add_argument("--attack", default="pgd",
-                        help="pgd, fgsm-rs (fast training) or a torchattacks class name")
+                        help=f"attack: {attack_names_help()}; fgsm-rs is fast training")
     parser.add_argument("--eps", type=number, default=8 / 255,
                         help="attack budget, e.g. 8/255")
     parser.add_argument("--alpha", type=number, default=None,
