@@ -20,6 +20,7 @@ Protocol (the same for every λ, so the rows are comparable):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -506,6 +507,34 @@ def _model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _at(model: nn.Module, lam: float | None) -> contextlib.AbstractContextManager:
+    """λ held (and conditioning frozen for the attack) for one row; nothing for a plain
+    model."""
+    if lam is None:
+        return contextlib.nullcontext()
+    scope = contextlib.ExitStack()
+    scope.enter_context(model.at(lam))
+    scope.enter_context(model.frozen())
+    return scope
+
+
+def _correct_counts(model: nn.Module, adversary: Attack, x: torch.Tensor, y: torch.Tensor,
+                    attack_seed: int) -> tuple[int, int]:
+    """Samples of (x, y) classified correctly clean and under ``adversary``, which attacks
+    only the clean-correct ones (seeded, so every λ sees the same random start)."""
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    if not correct.any():
+        return 0, 0
+    xs, ys = x[correct].clone(), y[correct].clone()
+    with torch.random.fork_rng(devices=_rng_devices(x.device)):
+        torch.manual_seed(attack_seed)
+        adv = adversary(xs, ys)
+    model.eval()  # torchattacks restores the mode it found; keep eval
+    with torch.no_grad():
+        return int(correct.sum()), int((model(adv).argmax(1) == ys).sum())
+
+
 def evaluate(
     model: nn.Module,
     data: Data,
@@ -571,7 +600,6 @@ def evaluate(
     batches, n_total = _batches(data, n_examples, batch_size, subset_seed)
 
     was_training = model.training
-    previous_lam = model.lam if isinstance(model, ConditionalModel) else None
     model.eval()
     adversary = config.factory(model)
     if isinstance(adversary, Attack):
@@ -589,26 +617,16 @@ def evaluate(
             count += x.shape[0]
             for i, lam in enumerate(lams):
                 start = time.perf_counter()
-                if lam is not None:
-                    model.set_lambda(lam)
-                with torch.no_grad():
-                    correct = model(x).argmax(1) == y
-                clean_correct[i] += int(correct.sum())
-                if correct.any():
-                    xs, ys = x[correct].clone(), y[correct].clone()
-                    with torch.random.fork_rng(devices=_rng_devices(dev)):
-                        torch.manual_seed(seed * 1_000_003 + batch_index)
-                        adv = adversary(xs, ys)
-                    model.eval()  # torchattacks restores the mode it found; keep eval
-                    with torch.no_grad():
-                        robust_correct[i] += int((model(adv).argmax(1) == ys).sum())
+                with _at(model, lam):
+                    clean, robust = _correct_counts(model, adversary, x, y,
+                                                    seed * 1_000_003 + batch_index)
+                clean_correct[i] += clean
+                robust_correct[i] += robust
                 seconds[i] += time.perf_counter() - start
                 bar.update(x.shape[0])
     finally:
         bar.close()
         model.train(was_training)
-        if previous_lam is not None:
-            model.set_lambda(previous_lam)
     if count == 0:
         raise ValueError("the data yielded no examples")
     rows = [
