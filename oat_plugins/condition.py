@@ -91,6 +91,24 @@ class Condition:
     def __init__(self, lam: Lambda = 0.0) -> None:
         self._cache: dict[tuple, torch.Tensor] = {}
         self._lam: Lambda = validate_lambda(lam)
+        self._frozen = False
+
+    @property
+    def weights_constant(self) -> bool:
+        """No gradient is wanted for the conditioning weights (under ``torch.no_grad`` or
+        inference mode, or inside :meth:`frozen`): layers may serve values folded at a
+        scalar λ instead of recomputing them every forward."""
+        return self._frozen or not torch.is_grad_enabled()
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Treat the conditioning weights as constants inside the block (gradients still flow
+        to the inputs): what an attack needs."""
+        previous, self._frozen = self._frozen, True
+        try:
+            yield
+        finally:
+            self._frozen = previous
 
     @property
     def lam(self) -> Lambda:

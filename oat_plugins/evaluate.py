@@ -20,6 +20,7 @@ Protocol (the same for every λ, so the rows are comparable):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -27,18 +28,25 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torchattacks
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchattacks.attack import Attack
 from tqdm.auto import tqdm
 
 from ._io import atomic_write_bytes, atomic_write_text
+from .attacks import (
+    ATTACKS,
+    AttackConfig,
+    AttackFactory,
+    CWLinf,
+    available_attacks,
+    resolve_attack,
+)
 from .condition import validate_lambda
 from .model import ConditionalModel
 
@@ -47,186 +55,27 @@ logger = logging.getLogger(__name__)
 DEFAULT_LAMBDAS: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 """The λ sweep used when a :class:`ConditionalModel` is evaluated with ``lambdas=None``."""
 
-AttackFactory = Callable[[nn.Module], Attack]
+__all__ = [
+    "ATTACKS",
+    "DEFAULT_LAMBDAS",
+    "AttackConfig",
+    "CWLinf",
+    "DialCheck",
+    "SweepResult",
+    "SweepRow",
+    "available_attacks",
+    "dial_check",
+    "evaluate",
+    "plot_tradeoff",
+    "resolve_attack",
+]
+
 Data = Dataset | DataLoader | tuple[torch.Tensor, torch.Tensor] | Sequence[torch.Tensor]
 
 
 # -- attacks ------------------------------------------------------------------------------
-
-
-class CWLinf(torchattacks.PGD):
-    """L∞ PGD on the Carlini–Wagner margin loss (the "CW∞" of the adversarial-training
-    literature): maximise ``max_{j≠y} z_j − z_y`` inside the ε-ball. torchattacks' own ``CW``
-    is an unbounded L2 attack, whose success rate is not a robust accuracy at ε."""
-
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255,
-                 steps: int = 20, random_start: bool = True) -> None:
-        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
-        self.attack = "CWLinf"
-        self.supported_mode = ["default"]
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        images = images.clone().detach().to(self.device)
-        labels = labels.clone().detach().to(self.device)
-        adv = images.clone()
-        if self.random_start:
-            adv = (adv + torch.empty_like(adv).uniform_(-self.eps, self.eps)).clamp(0, 1)
-        for _ in range(self.steps):
-            adv.requires_grad_(True)
-            logits = self.get_logits(adv)
-            true = logits.gather(1, labels[:, None]).squeeze(1)
-            other = logits.masked_fill(
-                nn.functional.one_hot(labels, logits.shape[1]).bool(), -math.inf
-            ).amax(1)
-            grad = torch.autograd.grad((other - true).sum(), adv)[0]
-            adv = adv.detach() + self.alpha * grad.sign()
-            adv = (images + (adv - images).clamp(-self.eps, self.eps)).clamp(0, 1).detach()
-        return adv
-
-
-@dataclass(frozen=True)
-class _AttackSpec:
-    norm: str  # "Linf" or "L2"
-    iterative: bool
-    build: Callable[..., Attack]
-    label: str
-
-
-def _pgd(model, eps, steps, alpha, n_classes, seed):
-    return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
-
-
-def _pgdl2(model, eps, steps, alpha, n_classes, seed):
-    return torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
-
-
-def _eotpgd(model, eps, steps, alpha, n_classes, seed):
-    return torchattacks.EOTPGD(model, eps=eps, alpha=alpha, steps=steps, eot_iter=10,
-                               random_start=True)
-
-
-def _fgsm(model, eps, steps, alpha, n_classes, seed):
-    return torchattacks.FGSM(model, eps=eps)
-
-
-def _cw(model, eps, steps, alpha, n_classes, seed):
-    return CWLinf(model, eps=eps, alpha=alpha, steps=steps)
-
-
-def _apgd(model, eps, steps, alpha, n_classes, seed):
-    return torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, seed=seed, loss="ce")
-
-
-def _apgdt(model, eps, steps, alpha, n_classes, seed):
-    return torchattacks.APGDT(model, norm="Linf", eps=eps, steps=steps, seed=seed,
-                              n_classes=n_classes)
-
-
-def _square(model, eps, steps, alpha, n_classes, seed):
-    return torchattacks.Square(model, norm="Linf", eps=eps, n_queries=steps, seed=seed)
-
-
-def _autoattack(model, eps, steps, alpha, n_classes, seed):
-    return torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard",
-                                   n_classes=n_classes, seed=seed)
-
-
-ATTACKS: dict[str, _AttackSpec] = {
-    "pgd": _AttackSpec("Linf", True, _pgd, "PGD-{steps}"),
-    "fgsm": _AttackSpec("Linf", False, _fgsm, "FGSM"),
-    "cw": _AttackSpec("Linf", True, _cw, "CW∞-{steps}"),
-    "apgd": _AttackSpec("Linf", True, _apgd, "APGD-CE-{steps}"),
-    "apgd-t": _AttackSpec("Linf", True, _apgdt, "APGD-T-{steps}"),
-    "square": _AttackSpec("Linf", True, _square, "Square-{steps}q"),
-    "autoattack": _AttackSpec("Linf", False, _autoattack, "AutoAttack (torchattacks preset)"),
-    "eot-pgd": _AttackSpec("Linf", True, _eotpgd, "EOT-PGD-{steps}×10"),
-    "pgd-l2": _AttackSpec("L2", True, _pgdl2, "PGD-L2-{steps}"),
-}
-"""Attack names accepted by :func:`evaluate` (``attack=``) and ``oat-plugins eval --attack``.
-
-``pgd`` (L∞ PGD with random start), ``fgsm``, ``cw`` (L∞ PGD on the CW margin loss),
-``apgd`` / ``apgd-t`` (torchattacks' APGD-CE / APGD-T), ``square`` (``steps`` = queries),
-``autoattack`` (torchattacks' *preset*, fewer iterations than the RobustBench leaderboard's;
-use ``oat_plugins.robustbench`` for a leaderboard-comparable number), ``eot-pgd`` (PGD with
-10-sample expectation over transformation, for non-deterministic models) and ``pgd-l2``."""
-
-_DEFAULT_EPS = {"Linf": 8 / 255, "L2": 0.5}
-
-
-def available_attacks() -> list[str]:
-    """Names accepted by ``evaluate(..., attack=...)``."""
-    return list(ATTACKS)
-
-
-def _format_eps(eps: float, norm: str) -> str:
-    """8/255 for the usual L∞ radii and steps, else 4 significant digits."""
-    if norm == "Linf" and eps < 1:
-        k = round(eps * 255)
-        if k >= 1 and math.isclose(k, eps * 255, rel_tol=1e-6):
-            return f"{k}/255"
-    return f"{eps:.4g}"
-
-
-@dataclass(frozen=True)
-class AttackConfig:
-    """A resolved attack: what :func:`evaluate` runs, and how it is described in results."""
-
-    name: str
-    norm: str | None
-    eps: float | None
-    steps: int | None
-    alpha: float | None
-    seed: int
-    description: str
-    factory: AttackFactory = field(repr=False, compare=False)
-
-
-def resolve_attack(
-    attack: str | AttackFactory,
-    *,
-    eps: float | None = None,
-    steps: int = 20,
-    alpha: float | None = None,
-    n_classes: int = 10,
-    seed: int = 0,
-) -> AttackConfig:
-    """Turn an attack name (see :data:`ATTACKS`) or a factory ``callable(model) -> Attack``
-    (a torchattacks attack) into an :class:`AttackConfig`. ``eps`` defaults to 8/255 for L∞
-    and 0.5 for L2 attacks; ``alpha`` (step size) to ``2.5·eps/steps`` (Madry et al.)."""
-    if callable(attack) and not isinstance(attack, str):
-        name = getattr(attack, "__name__", type(attack).__name__)
-        return AttackConfig(name, None, eps, None, alpha, seed, f"custom attack {name}", attack)
-    if not isinstance(attack, str) or attack.lower() not in ATTACKS:
-        raise ValueError(
-            f"unknown attack {attack!r}; available attacks: {', '.join(ATTACKS)} "
-            "(or pass a callable model -> Attack)"
-        )
-    name = attack.lower()
-    spec = ATTACKS[name]
-    eps = _DEFAULT_EPS[spec.norm] if eps is None else float(eps)
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    steps = int(steps)
-    if spec.iterative:
-        alpha = 2.5 * eps / steps if alpha is None else float(alpha)
-        if not alpha > 0:
-            raise ValueError(f"alpha must be positive, got {alpha}")
-    else:
-        alpha = None
-    norm_sym = "L∞" if spec.norm == "Linf" else "L2"
-    details = [f"{norm_sym}", f"ε={_format_eps(eps, spec.norm)}"]
-    if alpha is not None and name in ("pgd", "cw", "eot-pgd", "pgd-l2"):
-        details.append(f"α={_format_eps(alpha, spec.norm)}")
-    description = f"{spec.label.format(steps=steps)} ({', '.join(details)})"
-
-    def factory(model: nn.Module) -> Attack:
-        return spec.build(model, eps, steps, alpha, n_classes, seed)
-
-    return AttackConfig(name, spec.norm, eps, steps if spec.iterative else None, alpha, seed,
-                        description, factory)
-
+# The attacks live in oat_plugins.attacks (one registry for training, evaluation and GDWS);
+# these names stay importable from here.
 
 # -- results ------------------------------------------------------------------------------
 
@@ -242,6 +91,153 @@ class SweepRow:
     n: int
     attack: str
     seconds: float = 0.0
+
+
+DIAL_TOLERANCE = 0.5
+"""Default slack of the dial check, in accuracy points (percentage points): sampling noise."""
+
+DIAL_MIN_SPREAD = 0.25
+"""Default smallest spread of a dial: no single λ step may make more than 75 % of the change."""
+
+
+@dataclass(frozen=True)
+class DialCheck:
+    """Whether a λ sweep behaves as a dial (see docs/evaluation.md, "Dial check").
+
+    The λ values are taken in ascending order; the *ends* are the smallest and the largest.
+    A *position* says where an accuracy lies between its values at the ends: 0 at the smallest
+    λ's, 1 at the largest λ's, i.e. ``(clean(λ₀) − clean(λ)) / (clean(λ₀) − clean(λ₁))`` and
+    ``(robust(λ) − robust(λ₀)) / (robust(λ₁) − robust(λ₀))``.
+
+    Attributes:
+        lambdas: the sweep's λ values, ascending.
+        tolerance: slack for sampling noise, in accuracy points.
+        min_spread: the smallest spread a dial needs.
+        monotone_clean: clean accuracy never rises by more than ``tolerance`` from one λ to
+            the next.
+        monotone_robust: robust accuracy never falls by more than ``tolerance``.
+        clean_change, robust_change: the end-to-end fall of clean and rise of robust accuracy,
+            in points.
+        clean_positions, robust_positions: the positions of the interior λ values; None unless
+            clean accuracy falls (robust accuracy rises) by more than ``tolerance`` from the
+            smallest λ to the largest.
+        clean_spread, robust_spread: 1 − the largest move between adjacent λ (ends included)
+            as a share of the end-to-end move: 0 for a switch (one step makes the whole
+            change), k/(k+1) for k evenly spread interior points; None as above.
+        worst_clean_rise, worst_robust_drop: the largest step against the direction, in points.
+        is_dial: monotone both ways, clean accuracy falls and robust accuracy rises by more
+            than ``tolerance`` end to end, and both spreads are at least ``min_spread``; None
+            (undecided) without an interior λ.
+    """
+
+    lambdas: tuple[float, ...]
+    tolerance: float
+    min_spread: float
+    monotone_clean: bool
+    monotone_robust: bool
+    clean_change: float
+    robust_change: float
+    clean_positions: tuple[float, ...] | None
+    robust_positions: tuple[float, ...] | None
+    clean_spread: float | None
+    robust_spread: float | None
+    worst_clean_rise: float
+    worst_robust_drop: float
+    is_dial: bool | None
+
+    @property
+    def interior_lambdas(self) -> tuple[float, ...]:
+        return self.lambdas[1:-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "summary": self.summary()}
+
+    def summary(self) -> str:
+        """One line: the verdict, the reason, then the positions and spreads."""
+        verdict = {True: "yes", False: "no", None: "undecided"}[self.is_dial]
+        return f"dial: {verdict} — {self._reason()}{self._shape()}"
+
+    def _reason(self) -> str:
+        tol = f"{self.tolerance:g} pt"
+        if self.is_dial is None:
+            lams = ", ".join(f"{v:g}" for v in self.lambdas)
+            return f"no λ between the ends (λ = {lams}); evaluate interior λ values"
+        if not (self.monotone_clean and self.monotone_robust):
+            bad = []
+            if not self.monotone_clean:
+                bad.append(f"clean accuracy rises by {self.worst_clean_rise:.1f} pt")
+            if not self.monotone_robust:
+                bad.append(f"robust accuracy falls by {self.worst_robust_drop:.1f} pt")
+            return f"not monotone ({'; '.join(bad)} between adjacent λ; tolerance {tol})"
+        if self.clean_spread is None or self.robust_spread is None:
+            return (f"no trade-off end to end (clean falls by {self.clean_change:.1f} pt, "
+                    f"robust rises by {self.robust_change:.1f} pt; each must exceed {tol})")
+        if not self.is_dial:
+            return (f"a switch: one λ step makes more than {1 - self.min_spread:.0%} of the "
+                    f"change (spread below {self.min_spread:g})")
+        return (f"monotone within {tol}, clean −{self.clean_change:.1f} pt and robust "
+                f"+{self.robust_change:.1f} pt spread over λ")
+
+    def _shape(self) -> str:
+        parts = []
+        for name, pos, spread in (("clean", self.clean_positions, self.clean_spread),
+                                  ("robust", self.robust_positions, self.robust_spread)):
+            if pos is not None and spread is not None:
+                parts.append(f"{name} positions {'/'.join(f'{p:.2f}' for p in pos)}, "
+                             f"spread {spread:.2f}")
+        return f"; {'; '.join(parts)}" if parts and self.interior_lambdas else ""
+
+
+def _steps(values: Sequence[float]) -> list[float]:
+    """Differences between consecutive values."""
+    return [b - a for a, b in zip(values[:-1], values[1:], strict=True)]
+
+
+def _positions(points: Sequence[float], tolerance: float) -> tuple[list[float], float] | None:
+    """The interior points' positions between the first (0) and the last (1), and the
+    spread; None unless the last exceeds the first by more than ``tolerance``."""
+    change = points[-1] - points[0]
+    if change <= tolerance:
+        return None
+    pos = [(v - points[0]) / change for v in points]
+    largest_step = max(abs(d) for d in _steps(pos))
+    return pos[1:-1], min(1.0, max(0.0, 1.0 - largest_step))
+
+
+def dial_check(
+    lambdas: Sequence[float],
+    clean: Sequence[float],
+    robust: Sequence[float],
+    *,
+    tolerance: float = DIAL_TOLERANCE,
+    min_spread: float = DIAL_MIN_SPREAD,
+) -> DialCheck:
+    """The :class:`DialCheck` of accuracies (fractions in [0, 1]) measured at ``lambdas``
+    (any order, at least two); ``tolerance`` is in accuracy points."""
+    if len(lambdas) < 2 or not len(lambdas) == len(clean) == len(robust):
+        raise ValueError("the dial check needs accuracies at two or more λ values")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a number of points >= 0, got {tolerance!r}")
+    if not 0.0 <= min_spread <= 1.0:
+        raise ValueError(f"min_spread must be in [0, 1], got {min_spread!r}")
+    order = sorted(range(len(lambdas)), key=lambda i: lambdas[i])
+    lams = tuple(float(lambdas[i]) for i in order)
+    c = [100.0 * clean[i] for i in order]
+    r = [100.0 * robust[i] for i in order]
+    slack = tolerance + 1e-9  # accuracies are ratios of counts: ignore float rounding
+    worst_rise = max(0.0, *_steps(c))
+    worst_drop = max(0.0, *(-d for d in _steps(r)))
+    cpos, rpos = _positions([-v for v in c], slack), _positions(r, slack)
+    monotone_clean, monotone_robust = worst_rise <= slack, worst_drop <= slack
+    is_dial = None if len(lams) < 3 else bool(
+        monotone_clean and monotone_robust and cpos is not None and rpos is not None
+        and min(cpos[1], rpos[1]) >= min_spread)
+    return DialCheck(
+        lams, float(tolerance), float(min_spread), monotone_clean, monotone_robust,
+        c[0] - c[-1], r[-1] - r[0],
+        None if cpos is None else tuple(cpos[0]), None if rpos is None else tuple(rpos[0]),
+        None if cpos is None else cpos[1], None if rpos is None else rpos[1],
+        worst_rise, worst_drop, is_dial)
 
 
 @dataclass
@@ -279,9 +275,30 @@ class SweepResult:
                 return r
         raise KeyError(f"no row for λ={lam!r}; rows: {self.lambdas}")
 
+    # -- dial check ---------------------------------------------------------------------
+    @property
+    def is_sweep(self) -> bool:
+        """True for a λ sweep (two or more rows, all with a λ): the dial check applies."""
+        return len(self.rows) >= 2 and all(r.lam is not None for r in self.rows)
+
+    def dial(self, *, tolerance: float = DIAL_TOLERANCE,
+             min_spread: float = DIAL_MIN_SPREAD) -> DialCheck:
+        """Whether this sweep is a dial: monotone (clean accuracy non-increasing, robust
+        non-decreasing in λ, within ``tolerance`` accuracy points) with the interior λ values
+        spread between the ends (see :class:`DialCheck`)."""
+        if not self.is_sweep:
+            raise ValueError(f"the dial check needs a sweep of two or more λ values; this "
+                             f"result has λ = {self.lambdas}")
+        return dial_check([r.lam for r in self.rows], self.clean_acc, self.robust_acc,
+                          tolerance=tolerance, min_spread=min_spread)
+
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"meta": self.meta, "rows": [asdict(r) for r in self.rows]}
+        """``{"meta", "rows"}``, plus ``"dial"`` (:meth:`dial` with its defaults) for a sweep."""
+        payload: dict[str, Any] = {"meta": self.meta, "rows": [asdict(r) for r in self.rows]}
+        if self.is_sweep:
+            payload["dial"] = self.dial().to_dict()
+        return payload
 
     @classmethod
     def from_dict(cls, payload: Mapping[str, Any]) -> SweepResult:
@@ -308,8 +325,9 @@ class SweepResult:
             writer.writerow(line)
         atomic_write_text(buffer.getvalue(), path)
 
-    def to_markdown(self, *, label: str | None = None) -> str:
-        """A markdown table (accuracies in percent)."""
+    def to_markdown(self, *, label: str | None = None, dial: bool = True) -> str:
+        """A markdown table (accuracies in percent), followed, for a sweep with λ values
+        between its ends and ``dial``, by the one-line :meth:`dial` summary."""
         head = "| λ | clean acc (%) | robust acc (%) | n | attack |"
         if label is not None:
             head = "| model " + head
@@ -321,6 +339,8 @@ class SweepResult:
             if label is not None:
                 cells.insert(0, label)
             lines.append("| " + " | ".join(cells) + " |")
+        if dial and self.is_sweep and len(self.rows) > 2:
+            lines += ["", self.dial().summary()]
         return "\n".join(lines)
 
     def plot(
@@ -487,6 +507,34 @@ def _model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _at(model: nn.Module, lam: float | None) -> contextlib.AbstractContextManager:
+    """λ held (and conditioning frozen for the attack) for one row; nothing for a plain
+    model."""
+    if lam is None:
+        return contextlib.nullcontext()
+    scope = contextlib.ExitStack()
+    scope.enter_context(model.at(lam))
+    scope.enter_context(model.frozen())
+    return scope
+
+
+def _correct_counts(model: nn.Module, adversary: Attack, x: torch.Tensor, y: torch.Tensor,
+                    attack_seed: int) -> tuple[int, int]:
+    """Samples of (x, y) classified correctly clean and under ``adversary``, which attacks
+    only the clean-correct ones (seeded, so every λ sees the same random start)."""
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    if not correct.any():
+        return 0, 0
+    xs, ys = x[correct].clone(), y[correct].clone()
+    with torch.random.fork_rng(devices=_rng_devices(x.device)):
+        torch.manual_seed(attack_seed)
+        adv = adversary(xs, ys)
+    model.eval()  # torchattacks restores the mode it found; keep eval
+    with torch.no_grad():
+        return int(correct.sum()), int((model(adv).argmax(1) == ys).sum())
+
+
 def evaluate(
     model: nn.Module,
     data: Data,
@@ -511,11 +559,12 @@ def evaluate(
         data: a ``Dataset`` / ``DataLoader`` yielding (image, label) with images in [0, 1], or
             an ``(images, labels)`` tensor pair.
         lambdas: the λ values (default :data:`DEFAULT_LAMBDAS` for a conditional model).
-        attack: a name from :data:`ATTACKS` (default ``'pgd'``: PGD-20, L∞, ε = 8/255), or a
-            factory ``callable(model) -> torchattacks Attack`` (``eps``/``steps``/``alpha``
-            are then ignored).
+        attack: a name of :mod:`oat_plugins.attacks` (``available_attacks()``, or any
+            torchattacks class name; default ``'pgd'``: PGD-20, L∞, ε = 8/255), or a factory
+            ``callable(model) -> torchattacks Attack`` (``eps``/``steps``/``alpha`` are then
+            ignored).
         eps, steps, alpha: the attack's radius (default 8/255 for L∞, 0.5 for L2), iterations
-            and step size (default 2.5·eps/steps).
+            and step size (default 2.5·eps/steps; 1.25·eps for ``fgsm-rs``).
         n_examples: use the first ``n_examples`` examples (default all).
         batch_size: batch size for tensors and datasets (a DataLoader keeps its own).
         device: where to evaluate; the model is moved there (default: where it is).
@@ -551,7 +600,6 @@ def evaluate(
     batches, n_total = _batches(data, n_examples, batch_size, subset_seed)
 
     was_training = model.training
-    previous_lam = model.lam if isinstance(model, ConditionalModel) else None
     model.eval()
     adversary = config.factory(model)
     if isinstance(adversary, Attack):
@@ -569,26 +617,16 @@ def evaluate(
             count += x.shape[0]
             for i, lam in enumerate(lams):
                 start = time.perf_counter()
-                if lam is not None:
-                    model.set_lambda(lam)
-                with torch.no_grad():
-                    correct = model(x).argmax(1) == y
-                clean_correct[i] += int(correct.sum())
-                if correct.any():
-                    xs, ys = x[correct].clone(), y[correct].clone()
-                    with torch.random.fork_rng(devices=_rng_devices(dev)):
-                        torch.manual_seed(seed * 1_000_003 + batch_index)
-                        adv = adversary(xs, ys)
-                    model.eval()  # torchattacks restores the mode it found; keep eval
-                    with torch.no_grad():
-                        robust_correct[i] += int((model(adv).argmax(1) == ys).sum())
+                with _at(model, lam):
+                    clean, robust = _correct_counts(model, adversary, x, y,
+                                                    seed * 1_000_003 + batch_index)
+                clean_correct[i] += clean
+                robust_correct[i] += robust
                 seconds[i] += time.perf_counter() - start
                 bar.update(x.shape[0])
     finally:
         bar.close()
         model.train(was_training)
-        if previous_lam is not None:
-            model.set_lambda(previous_lam)
     if count == 0:
         raise ValueError("the data yielded no examples")
     rows = [

@@ -25,7 +25,7 @@ with warnings.catch_warnings():
 from ._io import atomic_torch_save
 from ._version import __version__
 from .condition import Condition, Lambda, lambda_groups
-from .layers.base import ConditionedModule, FoldableParametrization
+from .layers.base import ConditionedModule, FoldableParametrization, FoldCache
 from .methods import Method, get_method
 from .stats import count_nonzero
 from .surgery import foreign_modules, summarize
@@ -97,6 +97,27 @@ class ConditionalModel(nn.Module):
         """
         with self.condition.at(lam):
             yield self
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[ConditionalModel]:
+        """Treat the conditioning weights as constants inside the block: at a scalar λ,
+        conditioned layers serve pieces folded once per λ (as under ``torch.no_grad``), and
+        no gradient reaches the conditioning parameters; gradients w.r.t. the inputs flow as
+        usual. Training and evaluation run their attacks inside it.
+
+        >>> with model.at(1.0), model.frozen():
+        ...     x_adv = torchattacks.PGD(model)(x, y)
+        """
+        with self.condition.frozen():
+            yield self
+
+    def clear_fold_caches(self) -> None:
+        """Drop every value folded at a λ (needed only after writing a parameter through
+        ``.data``, which bypasses the version counters the caches check)."""
+        for module in self.modules():
+            for value in vars(module).values():
+                if isinstance(value, FoldCache):
+                    value.clear()
 
     @property
     def method_name(self) -> str:

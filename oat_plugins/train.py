@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import inspect
 import io
 import json
 import logging
@@ -47,6 +46,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ._io import atomic_torch_save, atomic_write_text
+from .attacks import ATTACKS, build_attack, find_attack  # noqa: F401  (ATTACKS: public name)
 from .condition import lambda_groups
 from .evaluate import evaluate
 from .losses import LossContext, LossForward
@@ -69,7 +69,6 @@ CHECKPOINT_NAME = "last.pt"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 SCHEDULES = ("cosine", "step", "constant")
-ATTACKS = ("pgd", "fgsm-rs", "<any torchattacks class name, e.g. TPGD, PGDL2>")
 
 AttackFactory = Callable[[nn.Module], torchattacks.attack.Attack]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -209,33 +208,21 @@ class TrainConfig:
 
 
 def default_alpha(attack: str, eps: float, steps: int) -> float:
-    """OAT's PGD step ``min(1.25ε, ε + 4/255) / steps``; 1.25ε for FGSM with random start."""
-    if attack.lower() in ("fgsm-rs", "ffgsm"):
-        return 1.25 * eps
+    """OAT's PGD step ``min(1.25ε, ε + 4/255) / steps``, or the attack's own default step
+    where it has one (1.25ε for ``'fgsm-rs'``, FGSM with random start)."""
+    spec = find_attack(attack)
+    if spec is not None and spec.default_alpha is not None:
+        return spec.default_alpha(eps, steps)
     return min(1.25 * eps, eps + 4 / 255) / steps
 
 
 def make_attack(model: nn.Module, config: TrainConfig) -> torchattacks.attack.Attack:
-    """The torchattacks attack named by ``config.attack`` on ``model`` (build it after the
-    model is on its device: torchattacks reads the device from the parameters)."""
-    name = config.attack
+    """The attack named by ``config.attack`` (:mod:`oat_plugins.attacks`) on ``model`` (build
+    it after the model is on its device: torchattacks reads the device from the parameters)."""
     alpha = config.alpha if config.alpha is not None else default_alpha(
-        name, config.eps, config.steps)
-    if name.lower() == "pgd":
-        return torchattacks.PGD(model, eps=config.eps, alpha=alpha, steps=config.steps,
-                                random_start=config.random_start)
-    if name.lower() in ("fgsm-rs", "ffgsm"):
-        return torchattacks.FFGSM(model, eps=config.eps, alpha=alpha)
-    cls = getattr(torchattacks, name, None)
-    if not (inspect.isclass(cls) and issubclass(cls, torchattacks.attack.Attack)):
-        raise ValueError(
-            f"unknown attack {name!r}; use 'pgd', 'fgsm-rs' or a torchattacks attack class "
-            "name (e.g. 'TPGD', 'PGDL2', 'APGD'), or pass fit(..., attack=factory)"
-        )
-    params = inspect.signature(cls).parameters
-    offered = {"eps": config.eps, "alpha": alpha, "steps": config.steps,
-               "random_start": config.random_start}
-    return cls(model, **{k: v for k, v in offered.items() if k in params})
+        config.attack, config.eps, config.steps)
+    return build_attack(config.attack, model, eps=config.eps, alpha=alpha, steps=config.steps,
+                        random_start=config.random_start, seed=config.seed)
 
 
 # -- device and distributed helpers ------------------------------------------------------------
@@ -453,7 +440,8 @@ def adversarial_examples(model: ConditionalModel, attack: torchattacks.attack.At
     batch (APGD, APGDT, FAB, Square, AutoAttack) see a consistent model."""
     x_adv = torch.empty_like(x)
     for value, idx in lambda_groups(lam):
-        with model.at(value):
+        # frozen: each group's conditioned weights are folded once per attack, not per step
+        with model.at(value), model.frozen():
             x_adv[idx] = attack(x[idx], y[idx]).detach()
     return x_adv
 

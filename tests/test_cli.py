@@ -1,15 +1,27 @@
-"""The ``oat-plugins`` commands eval, export and demo, end to end on the bundled sample."""
+"""The ``oat-plugins`` commands eval, export and demo, end to end on the bundled sample; one-line
+errors for every command; the class-balanced subset behind --limit-train."""
 
 import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+from torch.utils.data import Subset, TensorDataset
 
 import oat_plugins
-from oat_plugins.cli import COMMANDS, build_parser, main
-from oat_plugins.data import load_dataset
+from oat_plugins.cli import COMMANDS, DEBUG_ENV, build_parser, is_user_error, main
+from oat_plugins.data import balanced_subset, dataset_labels, load_dataset
 from oat_plugins.evaluate import SweepResult
+
+sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
+from _helpers import per_class, write_image_folder  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = {"num_classes": 10, "channels": [8, 16, 16, 16], "stem_width": 8}
 
@@ -174,3 +186,120 @@ def test_demo_end_to_end_with_tiny_settings(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(out / "train" / "last.pt"), "--lambda", "0",
                  "--out", str(out / "plain.pt")]) == 0
     assert oat_plugins.exported.exported_lambda(out / "plain.pt") == 0.0
+
+
+# -- errors: one line on stderr, exit status 2 ----------------------------------------------
+
+def _error_line(argv: list[str], capsys) -> str:
+    """Run the CLI; assert it failed with status 2 and exactly one stderr line; return it."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:  # argparse rejects the arguments
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--model", "not_a_model_xyz", "--method", "film", "--eval-samples", "0"],
+     "Unknown model (not_a_model_xyz)"),
+    (["train", "--model", "resnet10t", "--method", "not_a_method", "--eval-samples", "0"],
+     "unknown method"),
+    (["train", "--model", "resnet10t", "--method", "film", "--lambdas", "0,1.5"],
+     "must be in [0, 1]"),
+    (["eval", "--checkpoint", "{tmp}/missing.pt"], "no checkpoint file"),
+    (["eval", "--checkpoint", "{tmp}/garbage.pt"], "not a readable checkpoint"),
+    (["eval", "--checkpoint", "{ckpt}", "--data", "{tmp}/no-such-folder"], "does not exist"),
+    (["export", "--checkpoint", "{ckpt}", "--lambda", "1.5", "--out", "{tmp}/x.pt"],
+     "expected a number in [0, 1]"),
+    (["benchmark", "--checkpoint", "{ckpt}", "--lambdas", "0,2"], "must be in [0, 1]"),
+    (["benchmark", "--checkpoint", "{tmp}/missing.pt", "--lambdas", "0.5"], "does not exist"),
+    (["gdws", "--checkpoint", "{tmp}/missing.pt", "--lambda", "1", "--budget", "0.5",
+      "--out", "{tmp}/g.pt"],
+     "missing.pt"),
+    (["info", "--checkpoint", "{tmp}/garbage.pt"], "not a readable checkpoint"),
+    (["leaderboard", "--results", "{tmp}/missing"], "does not exist"),
+    (["not-a-command"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, checkpoint, tmp_path, capsys):
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    argv = [a.format(tmp=tmp_path, ckpt=checkpoint) for a in argv]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "run"), "--no-progress"]
+    line = _error_line(argv, capsys)
+    prog = "oat-plugins" if argv[0] == "not-a-command" else f"oat-plugins {argv[0]}"
+    assert line.startswith(f"{prog}: error: ")
+    assert message in line
+
+
+def test_unknown_model_in_a_real_process_prints_no_traceback(tmp_path):
+    """The issue's reproduction, as a user runs it: the whole stderr is one line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "oat_plugins.cli", "train", "--model", "not_a_model_xyz",
+         "--method", "film", "--eval-samples", "0", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO),
+                                                          DEBUG_ENV: ""})
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "oat-plugins train: error: Unknown model (not_a_model_xyz)"]
+
+
+def test_debug_flag_and_environment_show_the_traceback(tmp_path, monkeypatch, capsys):
+    argv = ["eval", "--checkpoint", str(tmp_path / "missing.pt")]
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        main(["--debug", *argv])
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        main(argv)
+    monkeypatch.setenv(DEBUG_ENV, "0")
+    assert "no checkpoint file" in _error_line(argv, capsys)
+
+
+def test_only_user_errors_are_shortened():
+    assert is_user_error(ValueError("bad λ")) and is_user_error(TypeError("not a model"))
+    assert is_user_error(FileNotFoundError("x.pt")) and is_user_error(PermissionError("out"))
+    assert is_user_error(RuntimeError("Unknown model (resnet999)"))  # timm's wording
+    # bugs keep their traceback
+    assert not is_user_error(RuntimeError("CUDA error: an illegal memory access"))
+    assert not is_user_error(KeyError("state_dict"))
+    assert not is_user_error(AttributeError("'NoneType' object has no attribute 'lam'"))
+
+
+# -- --limit-train / --eval-samples: a seeded class-balanced subset -------------------------
+
+def _counts(dataset) -> Counter:
+    return Counter(dataset_labels(dataset).tolist())
+
+
+def test_balanced_subset_of_a_class_sorted_image_folder(tmp_path):
+    images, labels = per_class(6)  # written class by class: an ImageFolder sorted by class
+    folder = write_image_folder(tmp_path / "folder", images, labels)
+    data = load_dataset(folder, "train", augment=False)
+    assert data.targets == sorted(data.targets)  # the first 20 would be 4 classes only
+    for n in (20, 23):
+        subset = balanced_subset(data, n, seed=0)
+        counts = _counts(subset)
+        assert len(subset) == n and sorted(counts) == list(range(10))
+        assert max(counts.values()) - min(counts.values()) <= 1
+        # the labels it read cheaply are the images' own
+        assert [subset[i][1] for i in range(n)] == dataset_labels(subset).tolist()
+    first = balanced_subset(data, 20, seed=0).indices
+    assert balanced_subset(data, 20, seed=0).indices == first  # reproducible
+    assert balanced_subset(data, 20, seed=1).indices != first  # and drawn with the seed
+    assert balanced_subset(data, 60, seed=0) is data  # the whole dataset: unchanged
+
+
+def test_balanced_subset_reads_labels_of_any_dataset():
+    # no targets/labels attribute: read item by item; a class with too few items gives all
+    labels = torch.tensor([0] * 2 + [1] * 10 + [2] * 10)
+    plain = TensorDataset(torch.zeros(22, 1), labels)
+    subset = balanced_subset(plain, 12, seed=3)
+    assert _counts(subset) == {0: 2, 1: 5, 2: 5}
+    nested = balanced_subset(Subset(load_dataset("bundled", "test"), range(200)), 50, seed=0)
+    assert set(_counts(nested).values()) == {5}
+    with pytest.raises(ValueError, match="positive integer"):
+        balanced_subset(plain, 0)

@@ -1,6 +1,9 @@
 """The conditional core: wrap, λ, routing, export, save/load, attacks, on many timm families."""
 
 import copy
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -13,6 +16,9 @@ from torch import nn
 import oat_plugins
 from oat_plugins.layers import DualNorm, FiLM
 from oat_plugins.surgery import foreign_modules
+
+sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
+from _helpers import perturb  # noqa: E402
 
 FAMILIES = {
     "resnet18": {},
@@ -29,24 +35,6 @@ FAMILIES = {
     "ghostnet_050": {},
     "deit_tiny_patch16_224": {"img_size": 32, "patch_size": 8},
 }
-
-
-def perturb(model: nn.Module, scale: float = 0.1) -> nn.Module:
-    """Move the parameters and statistics of every dual norm (and its FiLM) away from their
-    initial values, so that branches and FiLM layers really differ (a fresh identity-init
-    model would make the tests trivial). Convs stay as initialised to keep logits in a sane
-    range for the float32 tolerance."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for dual in (m for m in model.modules() if isinstance(m, DualNorm)):
-            for p in dual.parameters():
-                p.add_(scale * torch.randn(p.shape, generator=g))
-            for name, b in dual.named_buffers():
-                if name.endswith("running_var"):
-                    b.mul_(1 + torch.rand(b.shape, generator=g))
-                elif name.endswith("running_mean"):
-                    b.add_(scale * torch.randn(b.shape, generator=g))
-    return model
 
 
 def n_params(module: nn.Module) -> int:
@@ -273,15 +261,15 @@ def test_custom_normalization_and_none(images):
 
 
 @pytest.mark.parametrize(
-    "make_attack",
+    "make_attack, linf_bound",
     [
-        lambda m: torchattacks.PGD(m, eps=8 / 255, alpha=2 / 255, steps=3),
-        lambda m: torchattacks.FGSM(m, eps=8 / 255),
-        lambda m: torchattacks.CW(m, c=1, steps=3),
+        (lambda m: torchattacks.PGD(m, eps=8 / 255, alpha=2 / 255, steps=3), 8 / 255),
+        (lambda m: torchattacks.FGSM(m, eps=8 / 255), 8 / 255),
+        (lambda m: torchattacks.CW(m, c=1, steps=3), None),  # an L2 attack without a ball
     ],
     ids=["PGD", "FGSM", "CW"],
 )
-def test_torchattacks_run_on_a_wrapped_model(make_attack, images):
+def test_torchattacks_run_on_a_wrapped_model(make_attack, linf_bound, images):
     model = perturb(oat_plugins.wrap(timm.create_model("resnet10t", num_classes=10), "film"))
     model.eval().set_lambda(0.5)
     labels = torch.arange(4) % 10
@@ -289,6 +277,8 @@ def test_torchattacks_run_on_a_wrapped_model(make_attack, images):
     assert adv.shape == images.shape
     assert adv.min() >= 0 and adv.max() <= 1
     assert (adv - images).abs().max() > 0
+    if linf_bound is not None:
+        assert (adv - images).abs().max() <= linf_bound + 1e-6
     assert model.lam == 0.5 and not model.training
 
 
@@ -340,14 +330,28 @@ def test_custom_backbone_needs_backbone_argument_on_load(tmp_path, images):
 
 
 def test_training_after_inference_mode_at_the_same_lambda(images):
-    """The condition's caches must not hand inference tensors to a later autograd forward."""
-    model = oat_plugins.wrap(timm.create_model("resnet10t", num_classes=10), "film")
+    """The condition's caches must not hand inference tensors to a later autograd forward:
+    training after an inference-mode forward at the same λ gives the same loss and gradients
+    as training without it."""
+    model = perturb(oat_plugins.wrap(timm.create_model("resnet10t", num_classes=10), "film"))
     for lam in (0.4, torch.tensor([0.0, 0.4, 1.0, 0.0])):
+        fresh = copy.deepcopy(model)
         model.set_lambda(lam).eval()
         with torch.inference_mode():
             model(images)
         model.train()
-        model(images).sum().backward()
+        fresh.set_lambda(lam).train()
+        grads = []
+        for net in (model, fresh):
+            net.zero_grad()
+            loss = net(images).logsumexp(1).sum()
+            loss.backward()
+            film = next(m for m in net.modules() if isinstance(m, FiLM))
+            grads.append((loss.detach(), film.net[2].weight.grad.clone()))
+        (loss, grad), (fresh_loss, fresh_grad) = grads
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(loss, fresh_loss)
+        torch.testing.assert_close(grad, fresh_grad)
 
 
 def test_every_lambda_is_served_by_trained_film_codes():
@@ -373,3 +377,39 @@ def test_every_lambda_is_served_by_trained_film_codes():
     sinusoidal = oat_plugins.wrap(timm.create_model("resnet10t", num_classes=10), "film",
                                   encoding="sinusoidal")
     sinusoidal.method.check_sampler(sampler)  # a continuous code has no untrained entries
+
+
+class _Float32GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype: what CUDA autocast does."""
+
+    def forward(self, x):
+        return super().forward(x.float())
+
+
+def test_mixed_lambda_dual_norm_combines_branches_of_another_dtype():
+    from timm.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    backbone = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, channels=(8, 16, 32, 64),
+                      stem_width=8, norm_layer=lambda c: _Float32GroupNorm(4, c))
+    model = perturb(oat_plugins.wrap(backbone, "film", normalize=None))
+    x = torch.rand(4, 3, 32, 32)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with model.at(torch.tensor([0.0, 1.0, 0.0, 1.0])), torch.no_grad(), bf16:
+        mixed = model(x).float()
+    for i, lam in enumerate([0.0, 1.0, 0.0, 1.0]):
+        with model.at(lam), torch.no_grad(), bf16:
+            torch.testing.assert_close(mixed[i], model(x[i:i + 1]).float()[0],
+                                       rtol=2e-2, atol=2e-2)
+
+
+def test_lambda_codes_are_exact_under_bfloat16_autocast():
+    model = oat_plugins.wrap(timm.create_model("resnet10t", num_classes=10), "film",
+                             encoding="sinusoidal")
+    encoder = model.extras["encoder"]
+    film = next(m for m in model.modules() if isinstance(m, FiLM))
+    h = torch.zeros(1, film.channels, 2, 2, dtype=torch.bfloat16)
+    with model.at(0.3), torch.autocast("cpu", dtype=torch.bfloat16):
+        code = model.condition.cached(("film-encoding", id(encoder)), h, encoder)
+    assert code.dtype == torch.float32
+    torch.testing.assert_close(code, encoder(torch.tensor([0.3])))

@@ -179,6 +179,27 @@ def test_attack_factory_and_cw_stay_in_the_ball(model, data):
     assert float(adv.min()) >= 0 and float(adv.max()) <= 1
 
 
+@pytest.mark.parametrize("attack", ["apgd", "apgd-t", "square", "cw", "autoattack"])
+def test_attack_runs_through_evaluate(model, data, attack):
+    """Every named attack through evaluate() on the perturbed model (8 images, 3 steps or
+    queries; autoattack is torchattacks' full preset, cheap here because APGD-CE already
+    breaks every image): robust ≤ clean at each λ, the attack actually breaks images,
+    and a second run gives the same numbers."""
+    x, y = data
+    kwargs = dict(attack=attack, steps=3, n_examples=8, batch_size=8, progress=False)
+    result = evaluate(model, data, [0.0, 1.0], **kwargs)
+    assert result.meta["attack_name"] == attack
+    for row in result:
+        assert row.n == 8 and row.attack == result.meta["attack"]
+        assert row.clean_acc == pytest.approx(_accuracy(model, x[:8], y[:8], row.lam))
+        assert 0.0 <= row.robust_acc <= row.clean_acc <= 1.0
+    assert result.row(0.0).clean_acc > 0
+    # an undefended random network at ε = 8/255: every attack breaks some correct image
+    assert sum(result.robust_acc) < sum(result.clean_acc)
+    again = evaluate(model, data, [0.0, 1.0], **kwargs)
+    assert again.robust_acc == result.robust_acc
+
+
 def test_non_deterministic_model_warns_about_eot(data, caplog):
     m = oat_plugins.wrap("resnet10t", "float", model_kwargs=TINY, noise="resample").eval()
     assert not m.deterministic
@@ -224,3 +245,102 @@ def test_timm_model_without_wrapper(data):
     plain = timm.create_model("resnet10t", **TINY).eval()
     result = evaluate(plain, data, attack="fgsm", progress=False)
     assert len(result) == 1 and 0 <= result.rows[0].robust_acc <= result.rows[0].clean_acc
+
+
+# -- dial check ---------------------------------------------------------------------------
+
+SIX = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def _sweep(lambdas, clean_points, robust_points, n=1000):
+    """A hand-made SweepResult; accuracies given in percent."""
+    rows = [{"lam": lam, "clean_acc": c / 100, "robust_acc": r / 100, "n": n, "attack": "PGD"}
+            for lam, c, r in zip(lambdas, clean_points, robust_points, strict=True)]
+    return SweepResult.from_dict({"rows": rows, "meta": {}})
+
+
+def test_dial_check_of_a_monotone_dial():
+    dial = _sweep(SIX, [90, 85, 80, 74, 68, 60], [10, 16, 22, 28, 33, 40]).dial()
+    assert dial.monotone_clean and dial.monotone_robust and dial.is_dial is True
+    assert dial.interior_lambdas == (0.2, 0.4, 0.6, 0.8)
+    assert dial.clean_positions == pytest.approx((5 / 30, 10 / 30, 16 / 30, 22 / 30))
+    assert dial.robust_positions == pytest.approx((6 / 30, 12 / 30, 18 / 30, 23 / 30))
+    # 1 − the largest step between adjacent λ, as a share of the end-to-end change
+    assert dial.clean_spread == pytest.approx(1 - 8 / 30)
+    assert dial.robust_spread == pytest.approx(1 - 7 / 30)
+    assert dial.clean_change == pytest.approx(30) and dial.robust_change == pytest.approx(30)
+    assert dial.summary().startswith("dial: yes — monotone within 0.5 pt")
+
+
+def test_dial_check_of_a_switch():
+    # Every interior λ already gives the λ = 1 model: λ is an on/off switch, not a dial.
+    dial = _sweep(SIX, [90, 60, 60, 60, 60, 60], [10, 40, 40, 40, 40, 40]).dial()
+    assert dial.monotone_clean and dial.monotone_robust
+    assert dial.clean_positions == pytest.approx((1, 1, 1, 1))
+    assert dial.robust_positions == pytest.approx((1, 1, 1, 1))
+    assert dial.clean_spread == pytest.approx(0) and dial.robust_spread == pytest.approx(0)
+    assert dial.is_dial is False and "a switch" in dial.summary()
+    # A single interior point near one end is piled there; its spread is small.
+    piled = _sweep([0, 0.5, 1], [90, 62, 60], [10, 38, 40]).dial()
+    assert piled.clean_spread == pytest.approx(1 - 28 / 30) and piled.is_dial is False
+    assert _sweep([0, 0.5, 1], [90, 62, 60], [10, 38, 40]).dial(min_spread=0.05).is_dial
+
+
+def test_dial_check_of_a_non_monotone_curve_and_the_tolerance():
+    bumpy = _sweep(SIX, [90, 85, 88, 74, 68, 60], [10, 16, 22, 28, 33, 40]).dial()
+    assert not bumpy.monotone_clean and bumpy.monotone_robust and bumpy.is_dial is False
+    assert bumpy.worst_clean_rise == pytest.approx(3.0)
+    assert "not monotone (clean accuracy rises by 3.0 pt" in bumpy.summary()
+    robust_dip = _sweep(SIX, [90, 85, 80, 74, 68, 60], [10, 16, 15, 28, 33, 40]).dial()
+    assert not robust_dip.monotone_robust and robust_dip.worst_robust_drop == pytest.approx(1)
+    # Sampling noise below the tolerance (0.5 pt by default) is not a violation.
+    noisy = _sweep(SIX, [90, 85, 85.4, 74, 68, 60], [10, 16, 22, 21.7, 33, 40])
+    assert noisy.dial().is_dial is True
+    strict = noisy.dial(tolerance=0.2)
+    assert not strict.monotone_clean and not strict.monotone_robust and not strict.is_dial
+
+
+def test_dial_check_without_a_trade_off_or_interior_points():
+    flat = _sweep(SIX, [90, 90, 90.2, 90, 90, 90], [10, 16, 22, 28, 33, 40]).dial()
+    assert flat.monotone_clean and flat.clean_positions is None and flat.clean_spread is None
+    assert flat.is_dial is False and "no trade-off" in flat.summary()
+    ends = _sweep([0.0, 1.0], [90, 60], [10, 40]).dial()
+    assert ends.is_dial is None and ends.interior_lambdas == ()
+    assert ends.summary().startswith("dial: undecided")
+    shuffled = _sweep([1.0, 0.0, 0.5], [60, 90, 75], [40, 10, 25]).dial()
+    assert shuffled.lambdas == (0.0, 0.5, 1.0) and shuffled.clean_positions == (0.5,)
+    with pytest.raises(ValueError, match="two or more λ"):
+        _sweep([None], [90], [10]).dial()
+    with pytest.raises(ValueError, match="tolerance"):
+        _sweep(SIX, [90] * 6, [10] * 6).dial(tolerance=-1)
+
+
+def test_dial_check_in_json_and_markdown(tmp_path):
+    result = _sweep(SIX, [90, 85, 80, 74, 68, 60], [10, 16, 22, 28, 33, 40])
+    result.to_json(tmp_path / "m.json")
+    payload = json.loads((tmp_path / "m.json").read_text())
+    assert payload["dial"]["is_dial"] is True
+    assert payload["dial"]["summary"] == result.dial().summary()
+    assert payload["dial"]["clean_positions"] == pytest.approx([5 / 30, 10 / 30, 16 / 30, 22 / 30])
+    assert SweepResult.from_json(tmp_path / "m.json").rows == result.rows
+    table = result.to_markdown().splitlines()
+    assert table[-1] == result.dial().summary() and table[-2] == ""
+    assert result.to_markdown(dial=False).splitlines() == table[:-2]
+    two = _sweep([0.0, 1.0], [90, 60], [10, 40])
+    assert "dial" in two.to_dict() and "dial:" not in two.to_markdown()
+    plain = _sweep([None], [90], [10])
+    assert "dial" not in plain.to_dict() and "dial:" not in plain.to_markdown()
+
+
+def test_eval_command_prints_the_dial_check(model, tmp_path, capsys):
+    from oat_plugins.cli import main
+
+    oat_plugins.save(model, tmp_path / "model.pt")
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(tmp_path / "model.pt"), "--data", "bundled",
+                 "--lambdas", "0,0.5,1", "--attack", "fgsm", "--n-examples", "8",
+                 "--out", str(out), "--no-progress"]) == 0
+    result = SweepResult.from_json(out / "metrics.json")
+    summary = result.dial().summary()
+    assert summary.startswith("dial: ") and summary in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["dial"]["summary"] == summary

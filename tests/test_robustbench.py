@@ -1,13 +1,15 @@
 """RobustBench integration: entry schema, local data, benchmark protocol, compat, registration.
 
-Real objects only: CIFAR-10 test JPEGs from ../shared/data, torch/timm models, oat_plugins
-conditional models, pyautoattack's AutoAttack (tiny budgets where the test says so), and the
-installed robustbench 1.1.1.
+Real objects only: the CIFAR-10 sample bundled in the package (also written out as a PNG
+image folder and archive), torch/timm models, oat_plugins conditional models (perturbed, so that
+λ changes their output), pyautoattack's AutoAttack (tiny budgets where the test says so), and
+the installed robustbench 1.1.1. Nothing outside the repository is read.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -16,9 +18,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from PIL import Image
 from torch import nn
-from torchvision.transforms.functional import to_tensor
 
 import oat_plugins
 from oat_plugins.robustbench import (
@@ -44,10 +44,10 @@ from oat_plugins.robustbench.entries import (
     parse_eps,
 )
 
+sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
+from _helpers import bundled_images, per_class, perturb, write_image_folder  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-TAR = SHARED / "data" / "cifar10-jpeg.tar.gz"
-SNAPSHOT = SHARED / "robustbench" / "model_info"
 N = 20
 TINY = {"n_iter": 10, "n_target_classes": 2, "n_queries": 20}
 
@@ -60,8 +60,8 @@ def rb():
 
 @pytest.fixture(scope="module")
 def cifar():
-    x, y, label = load_data("cifar10", N, TAR)
-    return x, y, label
+    """The first N images of the bundled CIFAR-10 test sample."""
+    return load_data("cifar10", N, bundled_images(N), data_label="CIFAR-10 sample")
 
 
 def _memoriser(x: torch.Tensor, y: torch.Tensor) -> tuple[nn.Linear, torch.Tensor]:
@@ -100,12 +100,20 @@ def _tiny_cnn() -> nn.Module:
 
 
 def _conditional_memoriser(cifar) -> oat_plugins.ConditionalModel:
+    """The memoriser behind a conditioned BatchNorm moved off the identity (perturb, scale
+    0.2), so that λ changes its predictions: all 20 images right at λ = 0.5, 14 at λ = 0.2."""
     x, y, _ = cifar
     lin, _ = _memoriser(x, y)
-    # a BatchNorm with unit statistics and eps=0 is exactly the identity, so the model is the
-    # memoriser conditioned with FiLM (identity at initialisation)
     backbone = nn.Sequential(nn.BatchNorm2d(3, eps=0.0), nn.Flatten(), lin).eval()
-    return oat_plugins.wrap(backbone, "film", normalize=None).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # FiLM's initial weights, so the numbers above hold
+        model = oat_plugins.wrap(backbone, "film", normalize=None)
+    return perturb(model, 0.2).eval()
+
+
+def _logits(model: oat_plugins.ConditionalModel, x: torch.Tensor, lam: float) -> torch.Tensor:
+    with torch.no_grad(), oat_plugins.condition(model, lam):
+        return model(x)
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -180,28 +188,34 @@ def test_bad_names_and_accuracies():
         _entry(threat_model="L1")
 
 
-@pytest.mark.parametrize(("dataset", "threat"), [("cifar10", "Linf"), ("cifar10", "L2"),
-                                                 ("cifar100", "Linf")])
-def test_bundled_snapshot_is_the_shared_one(dataset, threat):
+@pytest.mark.parametrize(("dataset", "threat", "count"), [("cifar10", "Linf", 99),
+                                                          ("cifar10", "L2", 21),
+                                                          ("cifar100", "Linf", 38)])
+def test_bundled_snapshot_has_the_documented_entries(dataset, threat, count):
+    # equality with RobustBench's model_info is checked by tools/check_leaderboard_snapshot.py
     bundled = snapshot_entries(dataset, threat)
-    files = sorted((SNAPSHOT / dataset / threat).glob("*.json"))
-    assert sorted(bundled) == [f.stem for f in files]
-    for f in files:
-        assert bundled[f.stem] == json.loads(f.read_text(encoding="utf-8"))
+    assert len(bundled) == count
+    for entry in bundled.values():
+        assert 0 <= float(entry["autoattack_acc"]) <= float(entry["clean_acc"]) <= 100
 
 
 # -- local data ----------------------------------------------------------------------------
 
-def test_load_data_from_the_jpeg_archive(cifar):
-    x, y, label = cifar
-    assert label == "CIFAR-10 (JPEG q75)"
-    assert x.shape == (N, 3, 32, 32) and x.dtype == torch.float32
-    assert 0 <= x.min() and x.max() <= 1
-    assert y.tolist() == list(range(10)) * 2  # round robin over the sorted classes
-    with tarfile.open(TAR, "r|gz") as tar:  # stream up to the one member we need
-        member = next(m for m in tar if m.name == "test/cat/0001.jpg")
-        expected = to_tensor(Image.open(tar.extractfile(member)).convert("RGB"))
-    assert torch.equal(x[13], expected)  # class 3 (cat), its second image
+def test_load_data_from_an_image_folder_and_its_archive(tmp_path):
+    images, labels = per_class(2)  # 2 images of each class, class by class
+    root = write_image_folder(tmp_path / "cifar" / "test", images, labels)
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root.parent, arcname="cifar")
+    expected = torch.stack([images[2 * c + i] for i in range(2) for c in range(10)])
+    for source in (root.parent, archive):
+        x, y, label = load_data("cifar10", N, source)
+        assert label == "CIFAR-10 images from " + Path(source).name
+        assert x.shape == (N, 3, 32, 32) and x.dtype == torch.float32
+        assert 0 <= x.min() and x.max() <= 1
+        assert y.tolist() == list(range(10)) * 2  # round robin over the sorted classes
+        assert torch.equal((x * 255).round().to(torch.uint8), expected)  # PNG is lossless
+    assert load_data("cifar10", N, archive, data_label="mine")[2] == "mine"
     with pytest.raises(ValueError, match="only"):
         load_data("cifar10", N + 1, (x, y))
 
@@ -239,33 +253,44 @@ def test_benchmark_standard_autoattack_breaks_an_undefended_model(cifar, linear)
                      progress=False) == (1.0, 0.0)
 
 
-def test_benchmark_conditional_model_at_lambda(cifar, linear, tmp_path):
+def test_benchmark_conditional_model_at_lambda(cifar, tmp_path):
     x, y, _ = cifar
-    plain, _ = linear
     model = _conditional_memoriser(cifar)
+    # λ changes the predictions, so a benchmark that ignored λ would measure a wrong number
+    accuracy = {lam: _accuracy_at(model, x, y, lam) for lam in (0.2, 0.5)}
+    assert accuracy[0.5] == 1.0 > accuracy[0.2]
     model.set_lambda(0.2)
     model.train()
-    result = benchmark(model, 0.5, data=(x, y), n_examples=N, batch_size=N, eps=20 / 255,
-                       attack_budget=TINY, to_disk=True, model_name="oat-mem",
-                       results_dir=tmp_path, progress=False)
+    kwargs = dict(data=(x, y), n_examples=N, batch_size=N, eps=20 / 255, attack_budget=TINY,
+                  progress=False)
+    result = benchmark(model, 0.5, to_disk=True, model_name="oat-mem", results_dir=tmp_path,
+                       **kwargs)
     assert model.lam == 0.2 and model.training  # state restored
-    with oat_plugins.condition(model.eval(), 0.5):
-        assert result.clean_acc == _accuracy(model, x, y)
-    # the same function as the plain memoriser, so the same AutoAttack outcome (seed fixed)
-    with torch.no_grad(), oat_plugins.condition(model, 0.5):
-        assert torch.equal(model(x), plain(x))
-    assert result == benchmark(plain, data=(x, y), n_examples=N, batch_size=N, eps=20 / 255,
-                               attack_budget=TINY, progress=False)
+    assert result.clean_acc == accuracy[0.5]
+    assert result.robust_acc <= result.clean_acc
+    # the plain model the conditional one computes at λ = 0.5 gets the same AutoAttack
+    # outcome (seed fixed); at λ = 0.2 the numbers differ
+    plain = model.export(0.5).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x).argmax(1), _logits(model.eval(), x, 0.5).argmax(1))
+    assert result == benchmark(plain, **kwargs)
+    assert result != benchmark(model, 0.2, **kwargs)
     entry = read_entry(tmp_path / "cifar10" / "Linf" / "oat-mem_lam0p5.json")
     assert entry["name"] == "oat-mem (film, λ=0.5)"
+    assert entry["clean_acc"] == "100.00"
     assert entry["architecture"] == "Sequential"
+
+
+def _accuracy_at(model: oat_plugins.ConditionalModel, x: torch.Tensor, y: torch.Tensor,
+                 lam: float) -> float:
+    return (_logits(model, x, lam).argmax(1) == y).float().mean().item()
 
 
 def test_benchmark_checkpoint_path_equals_model(cifar, tmp_path):
     x, y, _ = cifar
-    model = oat_plugins.wrap(timm.create_model("test_byobnet", num_classes=10), "film").eval()
+    model = perturb(oat_plugins.wrap(timm.create_model("test_byobnet", num_classes=10), "film"))
     path = tmp_path / "byob.pt"
-    oat_plugins.save(model, path)
+    oat_plugins.save(model.eval(), path)
     kwargs = dict(data=(x, y), n_examples=4, batch_size=4, attack_budget=TINY, progress=False)
     assert benchmark(path, 1.0, **kwargs) == benchmark(model, 1.0, **kwargs)
 
@@ -387,15 +412,16 @@ def test_register_conditional_model_by_name(rb, cifar):
     from robustbench.utils import load_model
 
     x, _, _ = cifar
-    model = oat_plugins.wrap(_tiny_cnn(), "film", normalize=None).eval()
+    model = perturb(oat_plugins.wrap(_tiny_cnn(), "film", normalize=None)).eval()
+    expected = _logits(model, x, 0.7)
+    for lam in (0.0, 0.5, 1.0):  # so a model registered at another λ would not match
+        assert not torch.allclose(_logits(model, x, lam), expected, atol=1e-3)
     tname = register("Oat-Tiny", model, 0.7, "cifar10", "Linf")
     try:
         assert tname == timm_name("Oat-Tiny", "cifar10", "Linf") == "oat_tiny_cifar10_linf"
         loaded = load_model("Oat-Tiny", dataset="cifar10", threat_model="Linf")
         again = timm.create_model(tname)
         assert "Oat-Tiny" in model_dicts[BenchmarkDataset("cifar10")][ThreatModel("Linf")]
-        with torch.no_grad(), oat_plugins.condition(model, 0.7):
-            expected = model(x)
         for net in (loaded, again):
             assert not net.training
             assert not any(type(m).__module__.startswith("oat_plugins") for m in net.modules())
@@ -415,14 +441,17 @@ def test_register_checkpoint_file(rb, cifar, tmp_path):
     from robustbench.utils import load_model
 
     x, _, _ = cifar
-    model = oat_plugins.wrap(timm.create_model("test_byobnet", num_classes=100), "film").eval()
+    model = perturb(oat_plugins.wrap(timm.create_model("test_byobnet", num_classes=100), "film"))
     path = tmp_path / "byob100.pt"
-    oat_plugins.save(model, path)
+    oat_plugins.save(model.eval(), path)
+    expected = _logits(model, x[:4], 0.3)
+    assert not torch.allclose(_logits(model, x[:4], 0.0), expected, atol=1e-3)
+    assert not torch.allclose(_logits(model, x[:4], 1.0), expected, atol=1e-3)
     register("OatByob", path, 0.3, dataset="cifar100", threat_model="L2")
     try:
         loaded = load_model("OatByob", dataset="cifar100", threat_model="L2")
-        with torch.no_grad(), oat_plugins.condition(model, 0.3):
-            torch.testing.assert_close(loaded(x[:4]), model(x[:4]))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x[:4]), expected)
         with pytest.raises(ValueError, match="classes"):
             timm.create_model("oatbyob_cifar100_l2", num_classes=10)
     finally:

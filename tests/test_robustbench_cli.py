@@ -1,16 +1,19 @@
 """``oat-plugins leaderboard`` and ``oat-plugins benchmark``: ranking with the bundled
-RobustBench snapshot, and per-λ benchmark runs on a real checkpoint and real CIFAR-10 JPEGs."""
+RobustBench snapshot, and per-λ benchmark runs on a real (perturbed) checkpoint and images of
+the bundled CIFAR-10 sample written out as an image folder. Nothing outside the repository is
+read."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import io
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 import oat_plugins
@@ -25,9 +28,12 @@ from oat_plugins.robustbench import (
 )
 from oat_plugins.robustbench.entries import entry_path
 
-REPO = Path(__file__).resolve().parents[1]
-TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-SNAPSHOT = REPO.parent / "shared" / "robustbench" / "model_info"
+sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
+from _helpers import bundled_uint8, perturb, write_image_folder  # noqa: E402
+
+TINY = {"num_classes": 10, "channels": [8, 16, 16, 16], "stem_width": 8}
+# the bundled leaderboard snapshot: RobustBench's model_info as of 2025-03-31
+SNAPSHOT_SIZES = {("cifar10", "Linf"): 99, ("cifar10", "L2"): 21, ("cifar100", "Linf"): 38}
 
 
 def _run(module, argv: list[str]) -> int:
@@ -67,7 +73,7 @@ def test_leaderboard_has_every_snapshot_entry_and_ours_ranked(tmp_path, capsys):
                                   "Linf", "--results", str(tmp_path)]) == 0
     rows = _markdown_rows(capsys.readouterr().out)
     snapshot = snapshot_entries("cifar10", "Linf")
-    assert len(snapshot) == len(list((SNAPSHOT / "cifar10" / "Linf").glob("*.json"))) == 99
+    assert len(snapshot) == SNAPSHOT_SIZES["cifar10", "Linf"]
     assert len(rows) == len(snapshot) + 2
     assert [int(r[0].strip("*")) for r in rows] == list(range(1, len(rows) + 1))
     theirs = {r[1] for r in rows if "(ours)" not in r[1]}
@@ -92,7 +98,7 @@ def test_leaderboard_formats(dataset, threat, count, tmp_path, capsys):
     _run(leaderboard_cli, ["leaderboard", "--dataset", dataset, "--threat-model", threat,
                            "--format", "csv"])
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert len(rows) == count == len(list((SNAPSHOT / dataset / threat).glob("*.json")))
+    assert len(rows) == count == SNAPSHOT_SIZES[dataset, threat]
     assert {r["model_id"] for r in rows} == set(snapshot_entries(dataset, threat))
     assert all(r["ours"] == "False" for r in rows)
     out = tmp_path / "board.html"
@@ -102,32 +108,48 @@ def test_leaderboard_formats(dataset, threat, count, tmp_path, capsys):
     assert html.count("<tr>") == 1 + 5 and "<table" in html
 
 
+def _model_and_folder(tmp_path: Path, n: int) -> tuple[oat_plugins.ConditionalModel, Path]:
+    """A perturbed tiny conditional model, and an image folder of n bundled test images each
+    filed under the class the model predicts at λ = 0: 100 % clean accuracy at λ = 0 only."""
+    torch.manual_seed(0)
+    model = perturb(oat_plugins.wrap("resnet10t", "film", model_kwargs=TINY)).eval()
+    images, _ = bundled_uint8("test")
+    images = images[:n]
+    with torch.no_grad(), oat_plugins.condition(model, 0.0):
+        labels = model(images.float() / 255).argmax(1)
+    return model, write_image_folder(tmp_path / "images", images, labels)
+
+
 def test_benchmark_command_writes_one_entry_per_lambda(tmp_path, capsys):
-    model = oat_plugins.wrap(timm.create_model("test_byobnet", num_classes=10), "film").eval()
-    ckpt = tmp_path / "byob.pt"
+    model, folder = _model_and_folder(tmp_path, 6)
+    ckpt = tmp_path / "tiny.pt"
     oat_plugins.save(model, ckpt)
     results = tmp_path / "results"
     assert _run(benchmark_cli, [
         "benchmark", "--checkpoint", str(ckpt), "--lambdas", "0,0.5", "--n-examples", "6",
-        "--data", str(TAR), "--batch-size", "6", "--eps", "8/255", "--results", str(results),
+        "--data", str(folder), "--data-label", "bundled PNGs", "--batch-size", "6",
+        "--eps", "8/255", "--results", str(results),
         "--attack-budget", "n_iter=2,n_target_classes=1,n_queries=5", "--no-progress",
     ]) == 0
     printed = capsys.readouterr().out
-    x, y, _ = load_data("cifar10", 6, TAR)
-    for lam, stem in ((0.0, "byob_lam0"), (0.5, "byob_lam0p5")):
+    x, y, _ = load_data("cifar10", 6, folder)
+    clean = {}
+    for lam, stem in ((0.0, "tiny_lam0"), (0.5, "tiny_lam0p5")):
         entry = read_entry(results / "cifar10" / "Linf" / f"{stem}.json")
-        assert entry["name"] == f"byob (film, λ={lam:g})"
-        assert entry["architecture"] == "test_byobnet" and entry["eps"] == "8/255"
-        assert "measured on CIFAR-10 (JPEG q75), first 6 test images" in entry["footnote"]
+        assert entry["name"] == f"tiny (film, λ={lam:g})"
+        assert entry["architecture"] == "resnet10t" and entry["eps"] == "8/255"
+        assert "measured on bundled PNGs, first 6 test images" in entry["footnote"]
         with torch.no_grad(), oat_plugins.condition(model, lam):
-            clean = (model(x).argmax(1) == y).float().mean().item()
-        assert entry["clean_acc"] == f"{100 * clean:.2f}"
+            accuracy = (model(x).argmax(1) == y).float().mean().item()
+        assert entry["clean_acc"] == f"{100 * accuracy:.2f}"
         assert float(entry["autoattack_acc"]) <= float(entry["clean_acc"])
         assert stem in printed
+        clean[lam] = entry["clean_acc"]
+    assert clean[0.0] == "100.00" != clean[0.5]  # each entry was measured at its own λ
     _run(leaderboard_cli, ["leaderboard", "--results", str(results), "--format", "csv"])
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert sorted(r["model_id"] for r in rows if r["ours"] == "True") == ["byob_lam0",
-                                                                          "byob_lam0p5"]
+    assert sorted(r["model_id"] for r in rows if r["ours"] == "True") == ["tiny_lam0",
+                                                                          "tiny_lam0p5"]
 
 
 def test_cli_input_errors(tmp_path, capsys):
@@ -138,11 +160,11 @@ def test_cli_input_errors(tmp_path, capsys):
     with pytest.raises(FileNotFoundError):
         _run(benchmark_cli, ["benchmark", "--checkpoint", str(tmp_path / "none.pt"),
                              "--lambdas", "0.5"])
-    model = oat_plugins.wrap(timm.create_model("test_byobnet", num_classes=10), "film")
+    model, folder = _model_and_folder(tmp_path, 2)
     oat_plugins.save(model, tmp_path / "m.pt")
     with pytest.raises(SystemExit):
         _run(benchmark_cli, ["benchmark", "--checkpoint", str(tmp_path / "m.pt"), "--lambdas",
-                             "1.5", "--n-examples", "2", "--data", str(TAR), "--no-progress"])
+                             "1.5", "--n-examples", "2", "--data", str(folder), "--no-progress"])
     assert "values must be in [0, 1]" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError):
         _run(leaderboard_cli, ["leaderboard", "--results", str(tmp_path / "missing")])

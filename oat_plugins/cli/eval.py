@@ -6,12 +6,21 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..attacks import attack_names_help, find_attack
 from ..data import DATASETS, load_dataset
-from ..evaluate import ATTACKS, DEFAULT_LAMBDAS, evaluate
+from ..evaluate import DEFAULT_LAMBDAS, evaluate
 from ..model import ConditionalModel
 from ._common import load_any_model, parse_lambdas, positive_int, positive_number
 
 logger = logging.getLogger(__name__)
+
+
+def attack_name(text: str) -> str:
+    """An attack name of :mod:`oat_plugins.attacks` (``argparse`` type for ``--attack``)."""
+    if find_attack(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {attack_names_help()})")
+    return text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,8 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="clean and robust accuracy over a λ sweep (table, JSON, CSV, plot)",
         description="Evaluate a checkpoint (conditional model, training checkpoint, or an "
         "exported plain model) on the test split of --data: clean accuracy and robust "
-        "accuracy under --attack for each λ of --lambdas. Prints a markdown table and writes "
-        "metrics.json, metrics.csv and tradeoff.png into --out.",
+        "accuracy under --attack for each λ of --lambdas. Prints a markdown table and, for a "
+        "sweep with λ values between its ends, whether the curve is a dial (monotone, not a "
+        "switch); writes metrics.json (with the dial check), metrics.csv and tradeoff.png "
+        "into --out.",
         epilog="example: oat-plugins eval --checkpoint runs/demo/model.pt --data bundled "
         "--lambdas 0,0.5,1 --attack pgd --steps 20 --n-examples 500 --out runs/eval",
     )
@@ -35,15 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated λ values in [0, 1] (default "
                         f"{','.join(f'{v:g}' for v in DEFAULT_LAMBDAS)}; not for a plain "
                         "model)")
-    parser.add_argument("--attack", default="pgd", choices=list(ATTACKS),
-                        help="attack name (default pgd)")
+    parser.add_argument("--attack", default="pgd", type=attack_name, metavar="NAME",
+                        help=f"attack: {attack_names_help()} (default pgd)")
     parser.add_argument("--eps", type=positive_number, default=None,
                         help="attack radius, e.g. 8/255 (default 8/255 for L∞ attacks, 0.5 "
                         "for L2)")
     parser.add_argument("--steps", type=positive_int, default=20,
                         help="attack iterations (default 20)")
     parser.add_argument("--alpha", type=positive_number, default=None,
-                        help="step size (default 2.5·eps/steps)")
+                        help="step size (default 2.5·eps/steps; 1.25·eps for fgsm-rs)")
     parser.add_argument("--n-examples", type=positive_int, default=None,
                         help="use the first N test examples (default: all)")
     parser.add_argument("--subset-seed", type=int, default=None, metavar="SEED",

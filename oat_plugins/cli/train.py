@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..attacks import attack_names_help
 from ._common import json_object, number, parse_lambdas, positive_int, positive_number
 
 logger = logging.getLogger(__name__)
@@ -72,9 +73,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="resize ImageFolder images to this size")
     parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
-                        help="train on the first N training images only (smoke runs)")
+                        help="train on N training images only (smoke runs): a class-balanced "
+                        "subset drawn with --seed")
     parser.add_argument("--eval-samples", type=int, default=1000, metavar="N",
-                        help="test images evaluated after each epoch (0: no evaluation)")
+                        help="test images evaluated after each epoch, a class-balanced subset "
+                        "drawn with --seed (0: no evaluation)")
     parser.add_argument("--epochs", type=positive_int, default=200, help="training epochs")
     parser.add_argument("--batch-size", type=positive_int, default=128,
                         help="global batch size (split over torchrun processes)")
@@ -90,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="share of each batch at λ = 0 with --lambdas "
                         "(default 1/len(lambdas))")
     parser.add_argument("--attack", default="pgd",
-                        help="pgd, fgsm-rs (fast training) or a torchattacks class name")
+                        help=f"attack: {attack_names_help()}; fgsm-rs is fast training")
     parser.add_argument("--eps", type=number, default=8 / 255,
                         help="attack budget, e.g. 8/255")
     parser.add_argument("--alpha", type=number, default=None,
@@ -123,7 +126,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from torch.utils.data import Subset
 
     import oat_plugins
     from oat_plugins import data as datasets
@@ -151,11 +153,12 @@ def run(args: argparse.Namespace) -> int:
     train_data = datasets.load_dataset(args.data, "train", data_dir=args.data_dir,
                                        download=download, image_size=args.image_size)
     if args.limit_train is not None:
-        train_data = Subset(train_data, range(min(args.limit_train, len(train_data))))
+        train_data = datasets.balanced_subset(train_data, args.limit_train, args.seed)
     eval_data = None
     if args.eval_samples > 0:
         eval_data = datasets.load_dataset(args.data, "test", data_dir=args.data_dir,
                                           download=download, image_size=args.image_size)
+        eval_data = datasets.balanced_subset(eval_data, args.eval_samples, args.seed)
     model_kwargs = dict(args.model_kwargs or {})
     model_kwargs.setdefault("num_classes", datasets.num_classes(args.data, args.data_dir))
     stats = datasets.dataset_stats(args.data)

@@ -8,6 +8,7 @@ Every dataset yields ``(image, label)`` with ``image`` a float tensor in [0, 1] 
 >>> train = load_dataset("bundled", "train")           # 4,000 images, augmented
 >>> test = load_dataset("bundled", "test")             # 1,000 images, not augmented
 >>> train = load_dataset("cifar10", "train", data_dir="~/data")   # downloads when online
+>>> few = balanced_subset(train, 2000, seed=0)           # 200 images of every class
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 __all__ = [
@@ -34,7 +35,9 @@ __all__ = [
     "SVHN_MEAN",
     "SVHN_STD",
     "TensorImageDataset",
+    "balanced_subset",
     "bundled_cifar10",
+    "dataset_labels",
     "dataset_stats",
     "default_data_dir",
     "load_dataset",
@@ -334,3 +337,50 @@ def dataset_stats(spec: str | os.PathLike) -> tuple[tuple[float, ...], tuple[flo
     if isinstance(spec, str) and _is_known(spec):
         return _STATS[spec.lower()]
     return None
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """The label of every item of ``dataset`` (int64, in order), read without loading images
+    where the dataset keeps them: ``targets`` (ImageFolder, torchvision CIFAR), ``labels``
+    (SVHN, :class:`TensorImageDataset`), a :class:`~torch.utils.data.Subset` of such a
+    dataset. Any other dataset is read item by item (``dataset[i][1]``), which loads every
+    image once."""
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(list(dataset.indices),
+                                                               dtype=torch.long)]
+    size = len(dataset)  # type: ignore[arg-type]
+    for name in ("targets", "labels"):
+        values = getattr(dataset, name, None)
+        if values is not None and len(values) == size:
+            return torch.as_tensor(np.asarray(values), dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(size)], dtype=torch.long)
+
+
+def balanced_subset(dataset: Dataset, n: int, seed: int = 0) -> Dataset:
+    """A seeded, class-balanced subset of ``n`` items of ``dataset`` (the dataset itself when
+    ``n`` is at least its size).
+
+    Every class gets ``n // classes`` or one more item (a class with too few items gives all
+    it has and the others make up the rest); which items, and which classes get the extra
+    ones, is drawn with ``seed``. Use it rather than the first ``n`` items, which for data
+    sorted by class (an ImageFolder) are a few classes only. The chosen indices keep the
+    dataset's order. Labels are read as :func:`dataset_labels` reads them.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    size = len(dataset)  # type: ignore[arg-type]
+    if n >= size:
+        return dataset
+    labels = dataset_labels(dataset)
+    generator = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    class_order = torch.randperm(len(classes), generator=generator)
+    indices, keys = [], []
+    for position, c in zip(class_order.tolist(), classes.tolist(), strict=True):
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        indices.append(members)
+        # round r of the round robin over classes, in the drawn class order
+        keys.append(torch.arange(len(members)) * len(classes) + position)
+    chosen = torch.cat(indices)[torch.cat(keys).argsort()[:n]]
+    return Subset(dataset, chosen.sort().values.tolist())

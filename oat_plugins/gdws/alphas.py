@@ -26,6 +26,7 @@ from timm.layers.padding import pad_same
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..attacks import build_attack
 from .convert import ConvSpec, conv_spec, eligible_convs
 
 __all__ = ["compute_alphas", "default_attack"]
@@ -35,11 +36,10 @@ logger = logging.getLogger(__name__)
 AttackLike = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def default_attack(model: nn.Module) -> Any:
-    """torchattacks L-inf PGD, eps 8/255, step 2/255, 10 steps, random start."""
-    import torchattacks
-
-    return torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
+def default_attack(model: nn.Module, name: str = "pgd") -> Any:
+    """The attack ``name`` of :mod:`oat_plugins.attacks` with 10 steps and the registry's
+    defaults: for ``'pgd'``, L-inf PGD, eps 8/255, step 2/255 (2.5 eps / steps), random start."""
+    return build_attack(name, model, steps=10)
 
 
 def _explicit_pad(x: torch.Tensor, spec: ConvSpec, kernel_size: tuple[int, int]) -> torch.Tensor:
@@ -105,6 +105,17 @@ def _batches(
         yield item[0], item[1]
 
 
+def _attack_fn(model: nn.Module, attack: AttackLike | str | None) -> AttackLike | None:
+    """None for clean samples, else the attack to run (a name is built on ``model``)."""
+    if isinstance(attack, str) and attack.strip().lower() != "none":
+        return default_attack(model, attack)
+    if attack is None or isinstance(attack, str):
+        return None
+    if callable(attack):
+        return attack
+    raise ValueError(f"attack must be an attack name, 'none', None or a callable; got {attack!r}")
+
+
 def compute_alphas(
     model: nn.Module,
     data: Any,
@@ -128,8 +139,9 @@ def compute_alphas(
             Put in eval mode during the computation; its mode is restored afterwards.
         data: an iterable of ``(images, labels, ...)`` batches (e.g. a DataLoader), or a pair of
             tensors ``(images, labels)``.
-        attack: ``"pgd"`` (torchattacks PGD, eps 8/255, 10 steps), ``None`` or ``"none"`` for
-            clean samples, or any callable ``attack(x, y) -> x_adv`` (e.g. a torchattacks
+        attack: an attack name of :mod:`oat_plugins.attacks` built by :func:`default_attack`
+            (default ``"pgd"``: torchattacks PGD, eps 8/255, 10 steps), ``None`` or ``"none"``
+            for clean samples, or any callable ``attack(x, y) -> x_adv`` (e.g. a torchattacks
             attack).
         n_samples: how many samples to average over (fewer if ``data`` runs out).
         batch_size: batch size when ``data`` is a tensor pair.
@@ -161,19 +173,9 @@ def compute_alphas(
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
+    attack_fn = _attack_fn(model, attack)  # a bad name fails before the model is touched
     was_training = model.training
     model.eval()
-    if isinstance(attack, str):
-        if attack.lower() == "pgd":
-            attack_fn: AttackLike | None = default_attack(model)
-        elif attack.lower() == "none":
-            attack_fn = None
-        else:
-            raise ValueError(f"attack must be 'pgd', 'none', None or a callable; got {attack!r}")
-    elif attack is None or callable(attack):
-        attack_fn = attack
-    else:
-        raise ValueError(f"attack must be 'pgd', 'none', None or a callable; got {attack!r}")
 
     sums = {n: torch.zeros(m.in_channels, dtype=torch.float64, device=device)
             for n, m in eligible.items()}

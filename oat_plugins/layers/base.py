@@ -2,9 +2,48 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
+
+import torch
 from torch import nn
 
 from ..condition import Condition
+
+T = TypeVar("T")
+
+
+class FoldCache(Generic[T]):
+    """One value folded at a scalar λ, reused while neither λ nor any tensor it was computed
+    from changed.
+
+    A tensor counts as changed when its storage (``data_ptr``: ``.to()``, a dtype or device
+    move) or its version counter (every in-place write: optimizer steps, ``load_state_dict``,
+    ``copy_``) differs. Writes through ``.data`` bypass version counters; call
+    ``model.clear_fold_caches()`` after such a write. Values made under
+    ``torch.inference_mode`` are kept apart from the others (they cannot be saved for a
+    backward pass). Computed under ``torch.no_grad``: a cached value carries no gradient to
+    the tensors it came from.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._key: tuple | None = None
+        self._value: T | None = None
+
+    def get(self, lam: float, sources: Iterable[torch.Tensor], compute: Callable[[], T]) -> T:
+        key = (lam, torch.is_inference_mode_enabled(),
+               *((t.data_ptr(), t._version) for t in sources))
+        if key != self._key:
+            with torch.no_grad():
+                self._value = compute()
+            self._key = key
+        return self._value  # type: ignore[return-value]
+
+    def __deepcopy__(self, memo: dict) -> FoldCache[T]:
+        return FoldCache()  # a copy starts empty: its tensors are new
 
 
 class ConditionedModule(nn.Module):
@@ -21,6 +60,13 @@ class ConditionedModule(nn.Module):
 
     def fold(self) -> nn.Module:
         raise NotImplementedError
+
+
+def uses_folded(module: nn.Module, condition: Condition) -> bool:
+    """Whether ``module`` may serve a value folded at the current λ: a scalar λ and constant
+    conditioning weights (no gradient wanted for them: ``torch.no_grad``, inference mode or
+    ``model.frozen()``)."""
+    return condition.is_scalar and condition.weights_constant
 
 
 class FoldableParametrization(nn.Module):

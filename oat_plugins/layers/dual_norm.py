@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..condition import Condition
-from .base import ConditionedModule
+from .base import ConditionedModule, FoldCache, uses_folded
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 """Norms a dual norm can replace; timm's BatchNormAct2d, LayerNorm2d and GroupNormAct subclass
@@ -56,6 +56,7 @@ class DualNorm(ConditionedModule):
         self.clean = norm
         self.robust = copy.deepcopy(norm)
         self.post = post
+        self._folded: FoldCache[nn.Module] = FoldCache()
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.condition.is_scalar:
@@ -75,6 +76,12 @@ class DualNorm(ConditionedModule):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and uses_folded(self, self.condition):
+            # The export's own module (branch with FiLM folded into its affine), built once
+            # per λ: a plain norm's cost. Eval mode only: a copy must not track statistics.
+            sources = [*self.parameters(), *self.buffers()]
+            return self._folded.get(self.condition.lam, sources,
+                                    lambda: self.fold().requires_grad_(False))(x)
         x = self._normalise(x)
         if self.post is not None:
             x = self.post(x)

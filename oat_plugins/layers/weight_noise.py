@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..condition import Condition
-from .base import ConditionedParametrization
+from .base import ConditionedParametrization, FoldCache
 
 NOISE_MODES = ("fixed", "resample")
 
@@ -63,6 +63,7 @@ class WeightNoise(ConditionedParametrization):
         )
         noise_buffer = seeded_noise(weight, seed) if noise == "fixed" else None
         self.register_buffer("noise", noise_buffer, persistent=True)
+        self._folded: FoldCache[torch.Tensor] = FoldCache()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.condition.is_scalar:
@@ -73,12 +74,13 @@ class WeightNoise(ConditionedParametrization):
         lam = self.condition.lam
         if lam == 0:
             return weight
-        if self.noise is not None:
-            eta = self.noise
-        else:
+        if self.noise is None:  # resampled: a fresh draw every forward, never cached
             std = weight.detach().std(correction=0)
-            eta = torch.randn_like(weight) * std
-        return weight + (self.alpha * lam) * eta
+            return weight + (self.alpha * lam) * (torch.randn_like(weight) * std)
+        if self.condition.weights_constant:  # no gradient wanted: fold once per λ
+            return self._folded.get(lam, (weight, self.alpha, self.noise),
+                                    lambda: weight + (self.alpha * lam) * self.noise)
+        return weight + (self.alpha * lam) * self.noise
 
     def extra_repr(self) -> str:
         return f"noise={self.mode!r}, alpha_shape={tuple(self.alpha.shape)}"
