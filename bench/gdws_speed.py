@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     p.add_argument("--layouts", default="nchw,channels_last")
-    p.add_argument("--rounds", type=int, default=30, help="interleaved rounds per case")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case")
     p.add_argument("--inner", type=int, default=0,
-                   help="forwards per sample (0: 20 at batch 1, 2 otherwise)")
+                   help="forwards per sample (0: 5 at batch 1, 1 otherwise)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gdws_speed.json"))
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     results = []
     for b in (int(s) for s in args.batches.split(",") if s.strip()):
-        inner = args.inner or (20 if b == 1 else 2)
+        inner = args.inner or (5 if b == 1 else 1)
         for lay in layouts:
             t0 = time.time()
             var = run_case(dense, b, fmts[lay], args.rounds, inner)
