@@ -19,6 +19,10 @@ Timed, per batch size and memory format, on the same input, under ``torch.infere
   ``nn.Conv2d(C, 2C, 3, groups=C)`` + ``nn.Conv2d(2C, M, 1)`` (what ``GDWSConv2d`` did before
   the ``replicate`` layout).
 
+With ``--varying-ranks`` input channel c has rank ``1 + c % 3`` instead (G = 2C on average, g_c
+varies) and the variants are the two ways to lay that out: ``gather`` (``index_select`` of the
+G channels) and ``replicate`` (zero-padded to 3 components per channel, 1.5x the GDWS MACs).
+
 The variants run interleaved in rounds (A, B, C, A, B, C, ..., order rotated every round); each
 sample is the mean of ``--inner`` forwards. Reported: the median ms per forward with the
 10th-90th percentile spread, and the speed-up as the median (10th-90th percentile) of the
@@ -47,8 +51,9 @@ VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 RANK = 2
 
 
-def rank2_vgg11(seed: int = 0, num_classes: int = 10) -> nn.Sequential:
-    """CIFAR VGG-11 in eval mode, each 3x3 weight of rank exactly ``RANK`` per input channel."""
+def rank2_vgg11(seed: int = 0, num_classes: int = 10, varying: bool = False) -> nn.Sequential:
+    """CIFAR VGG-11 in eval mode, each 3x3 weight of rank exactly ``RANK`` per input channel
+    (``varying``: rank ``1 + c % 3`` for input channel c, the same G = 2C on average)."""
     g = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
     c = 3
@@ -59,8 +64,12 @@ def rank2_vgg11(seed: int = 0, num_classes: int = 10) -> nn.Sequential:
         conv = nn.Conv2d(c, int(v), 3, padding=1)
         bn = nn.BatchNorm2d(int(v))
         with torch.no_grad():
-            u = torch.randn(int(v), c, RANK, generator=g)
-            k = torch.randn(c, RANK, 9, generator=g)
+            r_max = 3 if varying else RANK
+            u = torch.randn(int(v), c, r_max, generator=g)
+            k = torch.randn(c, r_max, 9, generator=g)
+            if varying:  # zero the components >= 1 + c % 3
+                keep = torch.arange(3) < (torch.arange(c) % 3 + 1).unsqueeze(1)
+                k = k * keep.unsqueeze(2)
             w = torch.einsum("mcr,crk->mck", u, k).reshape(int(v), c, 3, 3)
             conv.weight.copy_(w / (c * 9) ** 0.5)
             conv.bias.copy_(torch.randn(int(v), generator=g) * 0.1)
@@ -70,17 +79,26 @@ def rank2_vgg11(seed: int = 0, num_classes: int = 10) -> nn.Sequential:
             bn.running_var.copy_(torch.rand(int(v), generator=g) + 0.5)
         layers += [conv, bn, nn.ReLU(inplace=True)]
         c = int(v)
-    layers += [nn.Flatten(), nn.Linear(c, num_classes)]
+    fc = nn.Linear(c, num_classes)
+    with torch.no_grad():  # from the seeded generator too, so the whole model is reproducible
+        fc.weight.copy_(torch.randn(num_classes, c, generator=g) / c**0.5)
+        fc.bias.zero_()
+    layers += [nn.Flatten(), fc]
     return nn.Sequential(*layers).eval()
 
 
-def gdws_exact(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
+def gdws_exact(
+    model: nn.Module, memory_format: torch.memory_format, layout: str = "auto"
+) -> nn.Module:
     """GDWS with a beta far below every kept score and above the float32 rounding residue, so
-    that G = 2C in every converted layer (checked, and checked to match the dense model)."""
-    new, report = convert(model, beta=1e-6, memory_format=memory_format)
+    that G = 2C in every converted layer (checked; with varying ranks G = sum of the ranks, 2C
+    up to rounding, and ``layout='replicate'`` pads to 3C) and the model is exact (checked in
+    :func:`run_case`)."""
+    new, report = convert(model, beta=1e-6, memory_format=memory_format, layout=layout)
     for r in report:
-        if r.replaced and r.num_components != RANK * r.in_channels:
-            raise RuntimeError(f"{r.name}: G = {r.num_components}, expected {RANK * r.in_channels}")
+        c = r.in_channels
+        if r.replaced and abs(r.num_components - RANK * c) > 1 and r.num_components != 3 * c:
+            raise RuntimeError(f"{r.name}: G = {r.num_components}, expected {RANK * c}")
     if not any(r.replaced for r in report):
         raise RuntimeError("no conv was replaced")
     return new.eval()
@@ -157,21 +175,28 @@ def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 
 def run_case(
-    dense: nn.Module, batch: int, fmt: torch.memory_format, rounds: int, inner: int
+    dense: nn.Module, batch: int, fmt: torch.memory_format, rounds: int, inner: int,
+    varying: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Time dense / gdws / pair at one batch size and memory format."""
+    """Time dense / gdws / pair (or, with ``varying`` ranks, dense / gather / padded replicate)
+    at one batch size and memory format, after checking every variant against the dense model."""
     model = dense.to(memory_format=fmt)
-    gdws = gdws_exact(dense, fmt)
-    pair = multiplier_pair(gdws)
+    if varying:
+        variants = {"gather": gdws_exact(dense, fmt, "gather"),
+                    "replicate": gdws_exact(dense, fmt, "replicate")}
+    else:
+        gdws = gdws_exact(dense, fmt)
+        variants = {"gdws": gdws, "pair": multiplier_pair(gdws)}
     x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     x = x.contiguous(memory_format=fmt)
     with torch.inference_mode():
         ref = model(x)
-        for name, m in (("gdws", gdws), ("pair", pair)):
+        for name, m in variants.items():
             err = ((m(x) - ref).abs().max() / ref.abs().max()).item()
             if err > 1e-4:
                 raise RuntimeError(f"{name} differs from dense by {err:.2e} (relative)")
-    fns = {"dense": lambda: model(x), "gdws": lambda: gdws(x), "pair": lambda: pair(x)}
+    fns = {"dense": lambda: model(x)}
+    fns.update({n: (lambda m=m: m(x)) for n, m in variants.items()})
     return summarize(interleaved(fns, rounds, inner))
 
 
@@ -196,24 +221,27 @@ def conv_macs(model: nn.Module, gdws: nn.Module) -> tuple[int, int, int, int]:
 
 def markdown(results: list[dict], macs: tuple[int, int, int, int]) -> str:
     total_d, total_g, sub_d, sub_g = macs
+    names = [n for n in results[0]["variants"] if n != "dense"]
     lines = [
         f"MACs per image: dense {total_d / 1e6:.1f} M, GDWS {total_g / 1e6:.1f} M "
         f"({total_d / total_g:.2f}x fewer; replaced convs alone {sub_d / sub_g:.2f}x).",
         "",
-        "| batch | layout | dense ms | gdws ms | pair ms | gdws speed-up | pair speed-up |",
-        "|---:|---|---|---|---|---|---|",
+        "| batch | layout | dense ms | " + " | ".join(f"{n} ms" for n in names) + " | "
+        + " | ".join(f"{n} speed-up" for n in names) + " |",
+        "|---:|---|---|" + "---|" * (2 * len(names)),
     ]
+
+    def ms(v: dict) -> str:
+        return f"{v['ms_median']:.2f} ({v['ms_p10']:.2f}–{v['ms_p90']:.2f})"
+
+    def sp(v: dict) -> str:
+        return f"**{v['speedup_median']:.2f}×** ({v['speedup_p10']:.2f}–{v['speedup_p90']:.2f})"
+
     for r in results:
-        d, g, p = r["variants"]["dense"], r["variants"]["gdws"], r["variants"]["pair"]
-
-        def ms(v: dict) -> str:
-            return f"{v['ms_median']:.2f} ({v['ms_p10']:.2f}–{v['ms_p90']:.2f})"
-
-        def sp(v: dict) -> str:
-            return f"**{v['speedup_median']:.2f}×** ({v['speedup_p10']:.2f}–{v['speedup_p90']:.2f})"
-
-        lines.append(f"| {r['batch']} | {r['layout']} | {ms(d)} | {ms(g)} | {ms(p)} | {sp(g)} "
-                     f"| {sp(p)} |")
+        v = r["variants"]
+        lines.append(f"| {r['batch']} | {r['layout']} | {ms(v['dense'])} | "
+                     + " | ".join(ms(v[n]) for n in names) + " | "
+                     + " | ".join(sp(v[n]) for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -226,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inner", type=int, default=0,
                    help="forwards per sample (0: 5 at batch 1, 1 otherwise)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--varying-ranks", action="store_true",
+                   help="ranks 1 + c %% 3 per input channel; time layout gather vs replicate "
+                        "(zero-padded to 3 components per channel) instead of gdws vs pair")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gdws_speed.json"))
     args = p.parse_args(argv)
@@ -234,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
     if any(s not in fmts for s in layouts):
         p.error(f"--layouts takes {', '.join(fmts)}")
-    dense = rank2_vgg11(args.seed)
+    dense = rank2_vgg11(args.seed, varying=args.varying_ranks)
     macs = conv_macs(dense, gdws_exact(dense, torch.contiguous_format))
     load0 = os.getloadavg()
     results = []
@@ -242,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         inner = args.inner or (5 if b == 1 else 1)
         for lay in layouts:
             t0 = time.time()
-            var = run_case(dense, b, fmts[lay], args.rounds, inner)
+            var = run_case(dense, b, fmts[lay], args.rounds, inner, args.varying_ranks)
             results.append({"batch": b, "layout": lay, "inner": inner, "variants": var,
                             "loadavg_1min_after": os.getloadavg()[0],
                             "seconds": round(time.time() - t0, 1)})
@@ -259,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     atomic_write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=1),
                       args.out)
-    print(f"\nrank-2 CIFAR VGG-11, {args.threads} threads, {args.rounds} interleaved rounds, "
+    kind = "varying-rank (1 + c % 3)" if args.varying_ranks else "rank-2"
+    print(f"\n{kind} CIFAR VGG-11, {args.threads} threads, {args.rounds} interleaved rounds, "
           f"load average {load0[0]:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print(table)
     return 0

@@ -108,7 +108,7 @@ class GDWSConv2d(nn.Module):
           ``1 x 1`` conv uses ``groups=g`` (block-diagonal). Padding components count in the MACs.
         * ``"multiplier"``: legacy layout of files saved before ``"replicate"`` existed
           (depthwise with a channel multiplier q, channel-major). Same numbers, but PyTorch's CPU
-          depthwise kernel with a multiplier > 1 is about 20x slower per MAC; re-convert to
+          depthwise kernel with a multiplier > 1 is 10-40x slower per MAC; re-convert to
           get ``"replicate"``.
 
     Construct with :meth:`from_factors`; the plain constructor builds an uninitialised skeleton of
