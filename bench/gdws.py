@@ -156,7 +156,7 @@ def layer_table(orig: nn.Module, conv_model: nn.Module, x: torch.Tensor, repeats
         orig(x)
     for h in hooks:
         h.remove()
-    rows = ["| layer | C→M | G | gather | MAC red. | NCHW orig ms | NCHW gdws ms | speed-up "
+    rows = ["| layer | C→M | G | layout | MAC red. | NCHW orig ms | NCHW gdws ms | speed-up "
             "| (min) | NHWC orig ms | NHWC gdws ms | speed-up | (min) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in conv_model.named_modules():
@@ -173,7 +173,7 @@ def layer_table(orig: nn.Module, conv_model: nn.Module, x: torch.Tensor, repeats
         m.to(memory_format=torch.contiguous_format)
         rows.append(
             f"| {name} | {m.in_channels}→{m.out_channels} | {m.num_components} "
-            f"| {'yes' if m.gather else 'no'} "
+            f"| {m.layout} "
             f"| {m.original_macs_per_pixel / m.macs_per_pixel:.2f}x | {to * 1e3:.3f} "
             f"| {tg * 1e3:.3f} | {to / tg:.2f}x | {rmin:.2f}x | {to2 * 1e3:.3f} "
             f"| {tg2 * 1e3:.3f} | {to2 / tg2:.2f}x | {rmin2:.2f}x |"
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="time whole models in channels_last too")
     p.add_argument("--layers", action="store_true",
                    help="per-layer latency table (NCHW vs channels_last) at the largest beta")
+    p.add_argument("--layout", default="auto", choices=["auto", "gather", "replicate"],
+                   help="GDWSConv2d layout (convert(layout=...); replicate pads to uniform)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {rob0:.1f} |"]
     last = None
     for key, val in settings:
-        new, report = convert(model, alphas=alphas, **{key: val})
+        new, report = convert(model, alphas=alphas, layout=args.layout, **{key: val})
         new.eval()
         n_rep = sum(r.replaced for r in report)
         macs = count_macs(new, xb[:1])

@@ -273,6 +273,124 @@ def test_grouped_layer_pads_groups_and_counts_padding() -> None:
         assert (layer(x) - ref).abs().max() <= 1e-4
 
 
+def _low_rank_weight(m: int, ranks: list[int], kh: int, kw: int, gen: torch.Generator,
+                     groups: int = 1) -> torch.Tensor:
+    """``(M, C/groups, Kh, Kw)`` weight whose input channel c has rank exactly ``ranks[c]``."""
+    mg = m // groups
+    cg = len(ranks) // groups
+    w = torch.zeros(m, cg, kh * kw)
+    for c, r in enumerate(ranks):
+        j, cl = divmod(c, cg)
+        u, v = torch.randn(mg, r, generator=gen), torch.randn(r, kh * kw, generator=gen)
+        w[j * mg:(j + 1) * mg, cl] = u @ v
+    return w.reshape(m, cg, kh, kw)
+
+
+GEOMETRIES = {  # (C, M, K, conv kwargs)
+    "plain": (6, 8, (3, 3), {"padding": 1}),
+    "stride2_pad0": (5, 7, (3, 3), {"stride": 2}),
+    "dilated_rect": (4, 6, (3, 2), {"padding": (2, 1), "dilation": 2}),
+    "grouped": (6, 8, (3, 3), {"padding": 1, "groups": 2}),
+    "same_string": (4, 5, (3, 3), {"padding": "same"}),
+    "reflect": (4, 5, (3, 3), {"padding": 1, "padding_mode": "reflect"}),
+}
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+LAYOUT_CASES = [  # replicate needs groups == 1 (test_replicate_rejects_groups_...)
+    (geo, fmt, ranks, layout)
+    for geo in GEOMETRIES for fmt in MEMORY_FORMATS for ranks in ("uniform", "varying")
+    for layout in ("auto", "gather", "replicate")
+    if not (layout == "replicate" and GEOMETRIES[geo][3].get("groups", 1) > 1)
+]
+
+
+@pytest.mark.parametrize("geometry, fmt, ranks, layout", LAYOUT_CASES)
+def test_layouts_equal_dense_conv_in_both_memory_formats(
+    geometry: str, fmt: str, ranks: str, layout: str
+) -> None:
+    """Exactly representable weight (rank g_c per channel, G = sum g_c): every layout computes
+    the dense conv, in NCHW and channels_last, and a channels_last input stays channels_last."""
+    c, m, k, kw_ = GEOMETRIES[geometry]
+    groups = kw_.get("groups", 1)
+    gen = torch.Generator().manual_seed(len(geometry) + 7 * len(ranks))
+    r = [2] * c if ranks == "uniform" else [1 + i % 3 for i in range(c)]
+    w = _low_rank_weight(m, r, *k, gen, groups)
+    conv = nn.Conv2d(c, m, k, groups=groups, **{a: b for a, b in kw_.items() if a != "groups"})
+    with torch.no_grad():
+        conv.weight.copy_(w)
+    f = mego(w, None, sum(r), groups=groups)
+    assert f.counts().tolist() == r  # the allocation found the exact ranks
+    layer = GDWSConv2d.from_factors(
+        f, bias=conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+        padding_mode=conv.padding_mode, layout=layout,
+    )
+    expected = "gather" if groups > 1 or (layout == "auto" and ranks == "varying") else (
+        "replicate" if layout == "auto" else layout)
+    assert layer.layout == expected
+    mf = MEMORY_FORMATS[fmt]
+    x = torch.randn(2, c, 9, 10, generator=gen).contiguous(memory_format=mf)
+    conv, layer = conv.to(memory_format=mf), layer.to(memory_format=mf)
+    with torch.no_grad():
+        ref, out = conv(x), layer(x)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-6
+    if fmt == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(layer.dense_weight(), w, atol=1e-5)
+
+
+def test_replicate_pads_varying_ranks_and_counts_padding() -> None:
+    gen = torch.Generator().manual_seed(3)
+    w = _low_rank_weight(8, [1, 3, 2, 1], 3, 3, gen)
+    f = mego(w, None, 7)
+    layer = GDWSConv2d.from_factors(f, bias=None, padding=1, layout="replicate")
+    assert layer.num_components == 3 * 4 and layer.replicas == 3
+    assert layer.macs_per_pixel == 12 * (9 + 8)
+    # the padding components are zero; the 7 real ones are the factors'
+    assert int((layer.dw_weight.reshape(12, -1).abs().sum(1) > 0).sum()) == 7
+    gathered = GDWSConv2d.from_factors(f, bias=None, padding=1, layout="gather")
+    assert gathered.num_components == 7
+    x = torch.randn(1, 4, 6, 6, generator=gen)
+    with torch.no_grad():
+        assert (layer(x) - gathered(x)).abs().max() <= 1e-5 * gathered(x).abs().max()
+
+
+def test_replicate_rejects_groups_and_unknown_layout() -> None:
+    f = mego(torch.randn(4, 2, 3, 3), None, 8, groups=2)
+    with pytest.raises(ValueError, match="groups"):
+        GDWSConv2d.from_factors(f, bias=None, layout="replicate")
+    with pytest.raises(ValueError, match="layout"):
+        GDWSConv2d.from_factors(f, bias=None, layout="interleaved")
+    with pytest.raises(ValueError, match="layout"):
+        GDWSConv2d(4, 4, 3, num_components=8, layout="nope")
+
+
+def test_replicate_matches_legacy_multiplier_layout() -> None:
+    """The former no-gather layout (channel multiplier, channel-major; what files saved before
+    ``layout`` existed hold: ``gather=False`` and no ``layout``) gives the same numbers."""
+    gen = torch.Generator().manual_seed(5)
+    w = _low_rank_weight(16, [2] * 8, 3, 3, gen)
+    b = torch.randn(16, generator=gen)
+    f = mego(w, None, 16)
+    new = GDWSConv2d.from_factors(f, bias=b, padding=1)
+    cfg = {**new.config(), "gather": False}
+    del cfg["layout"]
+    legacy = GDWSConv2d(**cfg)
+    assert legacy.layout == "multiplier" and legacy.replicas == 2
+    with torch.no_grad():
+        legacy.dw_weight.copy_(f.depthwise.reshape(16, 1, 3, 3))
+        legacy.pw_weight.copy_(f.pointwise.t().reshape(16, 16, 1, 1))
+        legacy.bias.copy_(b)
+    x = torch.randn(2, 8, 12, 12, generator=gen)
+    with torch.no_grad():
+        ref = legacy(x)
+        for mf in MEMORY_FORMATS.values():
+            out = new.to(memory_format=mf)(x.contiguous(memory_format=mf))
+            assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.allclose(legacy.dense_weight(), new.dense_weight(), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- convert
 
 
@@ -397,6 +515,65 @@ def test_convert_rejects_bad_arguments(kwargs: dict, msg: str) -> None:
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))
     with pytest.raises(ValueError, match=msg):
         convert(net, **kwargs)
+
+
+def _rank2_net() -> nn.Sequential:
+    """Stem + two 3x3 convs (BN, ReLU) whose weights have rank exactly 2 per input channel."""
+    gen = torch.Generator().manual_seed(11)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.Flatten(), nn.LazyLinear(4),
+    )
+    net(torch.zeros(1, 3, 8, 8))  # materialise the lazy linear
+    with torch.no_grad():
+        net[3].weight.copy_(_low_rank_weight(16, [2] * 8, 3, 3, gen))
+        net[6].weight.copy_(_low_rank_weight(16, [2] * 16, 3, 3, gen))
+    _perturb_bn(net)
+    return net.eval()
+
+
+@pytest.mark.parametrize("memory_format", [None, torch.channels_last])
+@pytest.mark.parametrize("layout", ["auto", "replicate", "gather"])
+def test_convert_layout_and_memory_format_exact_rank2(memory_format, layout: str) -> None:
+    net = _rank2_net()
+    new, report = convert(net, beta=1e-6, layout=layout, memory_format=memory_format)
+    rep = [r for r in report if r.replaced]
+    assert [r.num_components for r in rep] == [16, 32]  # G = 2C, exact
+    layers = [m for m in new.modules() if isinstance(m, GDWSConv2d)]
+    assert [m.layout for m in layers] == ["gather" if layout == "gather" else "replicate"] * 2
+    cl = memory_format is torch.channels_last
+    # (G, 1, K, K) / (M, G, 1, 1) strides are ambiguous; the stem's weight is not
+    assert new[0].weight.is_contiguous(memory_format=torch.channels_last) == cl
+    assert net[0].weight.is_contiguous()  # the input model is not touched
+    x = torch.rand(2, 3, 8, 8)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref, out = net(x), new(x)
+        mid = new[:4](x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert mid.is_contiguous(memory_format=torch.channels_last) == cl
+
+
+def test_convert_rejects_bad_layout_and_memory_format() -> None:
+    net = _rank2_net()
+    with pytest.raises(ValueError, match="layout"):
+        convert(net, budget=2, layout="multiplier")
+    with pytest.raises(ValueError, match="memory_format"):
+        convert(net, budget=2, memory_format=torch.channels_last_3d)
+
+
+def test_save_load_keeps_replicate_layout(tmp_path) -> None:
+    net = _rank2_net()
+    new, _ = convert(net, beta=1e-6, memory_format=torch.channels_last)
+    path = tmp_path / "r2.pt"
+    save_converted(new, path, arch=None)
+    back = load_converted(path, build=_rank2_net)
+    assert [m.layout for m in back.modules() if isinstance(m, GDWSConv2d)] == ["replicate"] * 2
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(back(x), new(x), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- alphas

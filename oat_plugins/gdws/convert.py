@@ -274,6 +274,17 @@ def _validate(beta: float | None, budget: Budget | None) -> None:
             raise ValueError(f"an int budget is G per layer, >= 1; got {budget}")
 
 
+def _validate_layout(layout: str, memory_format: torch.memory_format | None) -> None:
+    if layout not in ("auto", "gather", "replicate"):
+        raise ValueError(f"layout must be 'auto', 'gather' or 'replicate'; got {layout!r}")
+    allowed = (torch.contiguous_format, torch.channels_last)
+    if memory_format is not None and memory_format not in allowed:
+        raise ValueError(
+            "memory_format must be None, torch.contiguous_format or torch.channels_last; got "
+            f"{memory_format!r}"
+        )
+
+
 def convert(
     model: nn.Module,
     beta: float | None = None,
@@ -282,6 +293,8 @@ def convert(
     skip_first: bool = True,
     min_kernel: int = 2,
     only_if_cheaper: bool = True,
+    layout: str = "auto",
+    memory_format: torch.memory_format | None = None,
 ) -> tuple[nn.Module, list[GDWSLayerReport]]:
     """Replace every eligible K x K conv of a copy of ``model`` by a :class:`GDWSConv2d`.
 
@@ -300,15 +313,24 @@ def convert(
         min_kernel: only convs with ``max(Kh, Kw) >= min_kernel`` are considered (skips 1x1).
         only_if_cheaper: keep the original conv where the GDWS form would not need fewer MACs
             (e.g. near full rank: ``G*(K^2+M) >= C*K^2*M``).
+        layout: :class:`GDWSConv2d` layout per layer: ``"auto"`` (no gather where every input
+            channel keeps the same number of components, else a gather), ``"gather"``, or
+            ``"replicate"`` (pads channels with zero components to the largest count instead of
+            gathering; grouped convs still gather). See :meth:`GDWSConv2d.from_factors`.
+        memory_format: if given (e.g. ``torch.channels_last``), the whole new model is converted
+            to it (``new.to(memory_format=...)``); feed inputs in the same format. On CPU,
+            ``channels_last`` is what makes the depthwise + 1 x 1 pair fast (docs/gdws.md).
 
     Returns:
         ``(new_model, report)``; the report has one :class:`GDWSLayerReport` per ``nn.Conv2d``.
 
     Raises:
         ValueError: on both/neither of beta and budget, a negative beta, a budget outside the
-            allowed range, or alphas missing a layer / with the wrong length.
+            allowed range, or alphas missing a layer / with the wrong length, an unknown layout
+            or memory_format.
     """
     _validate(beta, budget)
+    _validate_layout(layout, memory_format)
     eligible, skipped = eligible_convs(model, skip_first=skip_first, min_kernel=min_kernel)
     if alphas is not None:
         missing = [n for n in eligible if n not in alphas]
@@ -342,12 +364,15 @@ def convert(
         layer = GDWSConv2d.from_factors(
             f, bias=spec.bias, stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
             padding_mode=spec.padding_mode, same_pad=spec.same_pad,
+            layout=layout if spec.groups == 1 else "auto",
         )
         row.num_components = layer.num_components
         row.weighted_error = f.error
         row.macs_gdws = layer.macs_per_pixel
         if layer.num_components != f.num_components:
-            row.reason = f"{layer.num_components - f.num_components} zero components pad groups"
+            row.reason = (
+                f"{layer.num_components - f.num_components} zero components pad the layout"
+            )
         if only_if_cheaper and layer.macs_per_pixel >= row.macs_original:
             row.reason = (
                 f"GDWS form not cheaper ({layer.macs_per_pixel} >= {row.macs_original} "
@@ -357,6 +382,8 @@ def convert(
         layer.train(conv.training)
         set_submodule(new, name, layer)
         row.replaced = True
+    if memory_format is not None:
+        new = new.to(memory_format=memory_format)
     n_rep = sum(r.replaced for r in report)
     logger.info("GDWS: replaced %d of %d convs", n_rep, len(report))
     return new, report
