@@ -26,6 +26,7 @@ from timm.layers.padding import pad_same
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._device import model_device
 from .convert import ConvSpec, conv_spec, eligible_convs
 
 __all__ = ["compute_alphas", "default_attack"]
@@ -157,10 +158,7 @@ def compute_alphas(
     if not eligible:
         raise ValueError("model has no conv eligible for GDWS")
     specs = {n: conv_spec(m) for n, m in eligible.items()}
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+    device = model_device(model)
     was_training = model.training
     model.eval()
     if isinstance(attack, str):
