@@ -39,6 +39,7 @@ from .checkpoint import (
     check_architecture,
     check_header,
     file_header,
+    in_chans_of,
     load_weights,
     read_checkpoint,
     replay_resets,
@@ -86,18 +87,23 @@ def save_exported(
     path: str | os.PathLike,
     *,
     format: Literal["oat", "safetensors"] = "oat",  # noqa: A002 (the name users expect)
+    image_size: int | tuple[int, int] | None = None,
 ) -> None:
     """Export ``model`` at ``lam`` and write it (atomically, file by file).
 
     ``format="oat"``: one weights-only file that :func:`load_exported` rebuilds.
     ``format="safetensors"``: ``path`` is a folder that receives ``model.safetensors`` and
     ``config.json`` in timm's Hugging Face Hub layout, loadable by plain timm (see
-    :func:`timm_config` and docs/export.md).
+    :func:`timm_config` and docs/export.md); ``image_size`` is the input size timm's data
+    config should use (e.g. 32 for CIFAR; default: a ViT's ``img_size``, else timm's default
+    for the architecture).
     """
     if format == "oat":
+        if image_size is not None:
+            raise ValueError("image_size applies to format='safetensors' only")
         atomic_torch_save(exported_payload(model, lam), path)
     elif format == "safetensors":
-        _save_timm_folder(model, lam, Path(path))
+        _save_timm_folder(model, lam, Path(path), image_size)
     else:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
 
@@ -152,14 +158,20 @@ def exported_lambda(path: str | os.PathLike) -> float:
 
 
 # -- the timm-native folder -----------------------------------------------------------------------
-def timm_config(model: ConditionalModel, lam: float, backbone: nn.Module) -> dict[str, Any]:
+def timm_config(
+    model: ConditionalModel,
+    lam: float,
+    backbone: nn.Module,
+    image_size: int | tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """``config.json`` of the timm-native folder, in timm's ``save_for_hf`` layout.
 
     ``architecture``, ``num_classes``, ``model_args`` (the other ``create_model`` kwargs, with
     the ``global_pool`` of any ``reset_classifier``) and ``pretrained_cfg`` (the backbone's,
     with this model's input mean/std — zeros and ones when it takes [0, 1] inputs as they
-    are), plus an ``oat_plugins`` entry (format, version, λ, method). ``backbone`` is the
-    folded plain backbone at ``lam``.
+    are, and ``image_size`` as its input size without resizing or cropping), plus an
+    ``oat_plugins`` entry (format, version, λ, method). ``backbone`` is the folded plain
+    backbone at ``lam``.
     """
     spec = model.backbone_spec
     model_args = {k: v for k, v in spec["kwargs"].items() if k != "num_classes"}
@@ -167,11 +179,20 @@ def timm_config(model: ConditionalModel, lam: float, backbone: nn.Module) -> dic
         pool = call["kwargs"].get("global_pool", call["args"][0] if call["args"] else None)
         if pool is not None:
             model_args["global_pool"] = pool
-    channels = backbone.pretrained_cfg.get("input_size", (3,))[0]
+    channels = in_chans_of(backbone) or 3
     mean, std = model.normalize_stats or ((0.0,) * channels, (1.0,) * channels)
     pretrained_cfg = filter_pretrained_cfg(backbone.pretrained_cfg, remove_source=True)
     pretrained_cfg.pop("architecture", None)
-    pretrained_cfg.update(mean=list(mean), std=list(std), num_classes=backbone.num_classes)
+    # The weights are a plain state dict (not, e.g., a ViT's .npz needing its custom loader).
+    pretrained_cfg.update(mean=list(mean), std=list(std), num_classes=backbone.num_classes,
+                          custom_load=False)
+    image_size = model_args.get("img_size") if image_size is None else image_size
+    if image_size is not None:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        # The size the model was trained at, used as is: no resize-and-crop margin.
+        pretrained_cfg.update(input_size=[channels, int(height), int(width)], crop_pct=1.0)
+        for key in ("test_input_size", "test_crop_pct", "min_input_size"):
+            pretrained_cfg.pop(key, None)
     config = {
         "architecture": spec["name"],
         "num_classes": backbone.num_classes,
@@ -189,9 +210,11 @@ def timm_config(model: ConditionalModel, lam: float, backbone: nn.Module) -> dic
                          f"{model_args}: {err}") from None
 
 
-def _save_timm_folder(model: ConditionalModel, lam: float, folder: Path) -> None:
+def _save_timm_folder(
+    model: ConditionalModel, lam: float, folder: Path, image_size: int | tuple[int, int] | None
+) -> None:
     lam, backbone = _exported_backbone(model, lam)
-    config = timm_config(model, lam, backbone)
+    config = timm_config(model, lam, backbone, image_size)
     _check_timm_rebuilds(config, backbone)
     # safetensors refuses tensors that share memory; plain copies have none.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.state_dict().items()}

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from ..exported import from_exported, is_exported
 from ..checkpoint import from_checkpoint, read_checkpoint
+from ..exported import from_exported, is_exported
 
 
 def number(text: str) -> float:
