@@ -402,3 +402,23 @@ def load(
         model_kwargs=model_kwargs,
         source=repr(os.fspath(path)),
     )
+
+
+def describe_header(payload: Mapping[str, Any]) -> list[str]:
+    """Readable lines for a model file's common header (what ``oat-plugins info`` prints)."""
+    spec = payload.get("backbone")
+    norm = payload.get("normalize")
+    lines = [
+        f"format: {payload.get('format')} version {payload.get('format_version', 0)}, written "
+        f"by oat-plugins {payload.get('oat_plugins_version', '?')} "
+        f"(timm {payload.get('timm_version', '?')})",
+        "backbone: " + ("not a named timm model" if not spec else
+                        f"timm {spec['name']!r} with {spec['kwargs']}"
+                        + ("" if "architecture" in spec else " (no architecture record)")),
+        "normalize: " + ("none" if norm is None else f"mean {norm['mean']}, std {norm['std']}"),
+    ]
+    for call in (spec or {}).get("reset_classifier", []):
+        lines.append(f"reset_classifier: {call}")
+    if payload.get("method") is not None:
+        lines.append(f"method: {payload['method']}")
+    return lines

@@ -249,3 +249,30 @@ def test_one_model_device_helper():
     buffers_only.register_buffer("b", torch.zeros(1, device="meta"))
     assert model_device(buffers_only) == torch.device("meta")
     assert model_device(nn.ReLU()) == torch.device("cpu")
+
+
+def test_info_describes_every_format(tmp_path, capsys):
+    from oat_plugins.cli import main
+
+    model = oat_plugins.wrap("resnet10t", "film", model_kwargs=NARROW)
+    model.reset_classifier(4, global_pool="max")
+    oat_plugins.save(model, tmp_path / "cond.pt")
+    save_exported(model, 0.25, tmp_path / "plain.pt")
+    save_exported(model, 0.25, tmp_path / "folder", format="safetensors")
+    new, _ = convert(model.export(0.25), budget=0.5)
+    save_converted(new, tmp_path / "gdws.pt", spec=model.backbone_spec)
+    printed = {}
+    for name in ("cond.pt", "plain.pt", "gdws.pt", "folder"):
+        assert main(["info", "--checkpoint", str(tmp_path / name)]) == 0
+        printed[name] = capsys.readouterr().out
+    assert "conditional-model version 2" in printed["cond.pt"]
+    assert "conditioned with 'film'" in printed["cond.pt"]
+    assert "exported-model version 2" in printed["plain.pt"] and "λ: 0.25" in printed["plain.pt"]
+    assert "gdws-model version 1" in printed["gdws.pt"]
+    for text in printed["cond.pt"], printed["plain.pt"], printed["gdws.pt"]:
+        assert "timm 'resnet10t'" in text and "'stem_width': 8" in text
+        assert "'global_pool': 'max'" in text
+    assert "'lambda': 0.25" in printed["folder"]
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    assert main(["info", "--checkpoint", str(tmp_path / "other.pt")]) == 2
+    assert "not an oat-plugins model file" in capsys.readouterr().err
