@@ -14,6 +14,7 @@ from oat_plugins.cli import main
 from oat_plugins.layers import DualNorm
 
 NARROW = {"num_classes": 10, "channels": [8, 16, 16, 16], "stem_width": 8}
+CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # not timm's default
 VIT = {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10}
 
 # What docs/export.md tells users to run, plus the comparison: a fresh interpreter whose path
@@ -67,7 +68,8 @@ def load_with_plain_timm(folder, x, tmp_path):
 @pytest.mark.parametrize(
     "make, image_size",
     [
-        (lambda: oat_plugins.wrap("resnet10t", "film", model_kwargs=NARROW), 32),
+        (lambda: oat_plugins.wrap("resnet10t", "film", model_kwargs=NARROW,
+                                  normalize=CIFAR10), 32),
         # a ViT taking [0, 1] inputs as they are: the config must not normalise
         (lambda: oat_plugins.wrap("vit_tiny_patch16_224", "film", normalize=None,
                                   model_kwargs=VIT), None),
