@@ -294,6 +294,8 @@ def wrap(
             ``(mean, std)`` pair, or None when the backbone expects [0, 1] inputs.
         model_kwargs: keyword arguments of ``timm.create_model`` needed to rebuild the
             backbone on :func:`load` (num_classes, in_chans and a ViT's img_size are inferred).
+            The backbone's architecture is recorded too, so a rebuild without kwargs that leave
+            the state dict unchanged (``act_layer``, ``global_pool``, ...) is refused on load.
         check_inputs: validate that inputs are (N, C, H, W) float images in [0, 1].
         **options: the method's options; unknown ones raise a ``ValueError`` listing them.
     """
