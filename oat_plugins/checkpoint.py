@@ -218,7 +218,8 @@ def build_backbone(
             f"{source} was saved from a backbone that is not a named timm model; pass the "
             "backbone itself (backbone=<an identical freshly built nn.Module>)"
         )
-    backbone = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
+    # The weights come from the file: never download (kwargs may hold pretrained=True).
+    backbone = timm.create_model(spec["name"], **{**spec["kwargs"], "pretrained": False})
     check_architecture(spec, backbone, source=source, timm_version=timm_version, hint=hint)
     return backbone
 

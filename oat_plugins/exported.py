@@ -174,7 +174,10 @@ def timm_config(
     backbone at ``lam``.
     """
     spec = model.backbone_spec
-    model_args = {k: v for k, v in spec["kwargs"].items() if k != "num_classes"}
+    # Where the weights come from is the folder's business, not a model argument.
+    model_args = {k: v for k, v in spec["kwargs"].items()
+                  if k not in ("num_classes", "pretrained", "pretrained_cfg",
+                               "pretrained_cfg_overlay")}
     for call in spec.get("reset_classifier", []):
         pool = call["kwargs"].get("global_pool", call["args"][0] if call["args"] else None)
         if pool is not None:

@@ -62,6 +62,13 @@ def test_plain_round_trip_is_exact(tmp_path, images):
     assert loaded.backbone_spec == model.backbone_spec
 
 
+def test_pretrained_in_model_kwargs_does_not_break_load(tmp_path, images):
+    model = perturbed(oat_plugins.wrap("resnet10t", "film",
+                                       model_kwargs={**NARROW, "pretrained": False}))
+    loaded = round_trip(model, tmp_path)
+    assert torch.equal(outputs(loaded, images), outputs(model, images))
+
+
 def test_act_layer_of_a_built_module_is_refused_with_what_to_pass(tmp_path, images):
     """The built module's act_layer leaves no trace in the state dict or in model_kwargs."""
     backbone = timm.create_model("resnet10t", act_layer="gelu", **NARROW)
