@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchattacks.attack import Attack
 from tqdm.auto import tqdm
 
+from ._device import model_device
 from ._io import atomic_write_bytes, atomic_write_text
 from .attacks import (
     ATTACKS,
@@ -502,11 +503,6 @@ def _rng_devices(dev: torch.device) -> list[int]:
     return [dev.index if dev.index is not None else torch.cuda.current_device()]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _at(model: nn.Module, lam: float | None) -> contextlib.AbstractContextManager:
     """λ held (and conditioning frozen for the attack) for one row; nothing for a plain
     model."""
@@ -596,7 +592,7 @@ def evaluate(
         )
     if device is not None:
         model.to(device)
-    dev = _model_device(model)
+    dev = model_device(model)
     batches, n_total = _batches(data, n_examples, batch_size, subset_seed)
 
     was_training = model.training

@@ -1,13 +1,11 @@
-"""``ConditionalModel``, ``wrap``, ``save`` and ``load``."""
+"""``ConditionalModel`` and ``wrap``; ``save``/``load`` and the other file functions live in
+:mod:`oat_plugins.checkpoint` and are re-exported here."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import pickle
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,8 +20,20 @@ with warnings.catch_warnings():
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from torchvision.transforms import Normalize
 
-from ._io import atomic_torch_save
-from ._version import __version__
+from .checkpoint import (  # noqa: F401 (the file API, re-exported from its old home)
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    check_header,
+    file_header,
+    from_checkpoint,
+    load,
+    note_reset_classifier,
+    read_checkpoint,
+    save,
+    timm_spec,
+    to_checkpoint,
+)
+from .checkpoint import in_chans_of as _in_chans
 from .condition import Condition, Lambda, lambda_groups
 from .layers.base import ConditionedModule, FoldableParametrization, FoldCache
 from .methods import Method, get_method
@@ -32,8 +42,6 @@ from .surgery import foreign_modules, summarize
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "oat-plugins/conditional-model"
-CHECKPOINT_VERSION = 1
 _RANGE_TOLERANCE = 1e-4
 
 
@@ -188,8 +196,7 @@ class ConditionalModel(nn.Module):
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
         """timm's ``reset_classifier``; the new head is plain (not conditioned)."""
         self.backbone.reset_classifier(num_classes, *args, **kwargs)
-        if self.backbone_spec is not None:
-            self.backbone_spec["kwargs"]["num_classes"] = num_classes
+        note_reset_classifier(self.backbone_spec, num_classes, *args, **kwargs)
 
     # -- export and reporting --------------------------------------------------------------
     def export(self, lam: float | None = None) -> nn.Module:
@@ -260,17 +267,6 @@ def _cat_groups(outputs: list[Any], inverse: torch.Tensor) -> Any:
     )
 
 
-def _in_chans(backbone: nn.Module) -> int | None:
-    first = getattr(backbone, "pretrained_cfg", {}).get("first_conv")
-    try:
-        conv = backbone.get_submodule(first) if isinstance(first, str) else None
-    except AttributeError:
-        conv = None
-    if conv is None:
-        conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
-    return getattr(conv, "in_channels", None)
-
-
 def _check_images(x: object, in_chans: int | None) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(
@@ -306,27 +302,6 @@ def _resolve_normalize(
     raise ValueError(f"normalize must be 'auto', (mean, std) or None, got {normalize!r}")
 
 
-def _backbone_spec(backbone: nn.Module, model_kwargs: dict[str, Any] | None) -> dict | None:
-    """What :func:`load` needs to rebuild the backbone with ``timm.create_model``."""
-    name = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture")
-    if name is None:
-        return None
-    kwargs: dict[str, Any] = {}
-    if hasattr(backbone, "num_classes"):
-        kwargs["num_classes"] = int(backbone.num_classes)
-    in_chans = _in_chans(backbone)
-    if in_chans is not None:
-        kwargs["in_chans"] = in_chans
-    # timm's ViT-style models take the token grid from these; the state dict depends on it.
-    patch_embed = getattr(backbone, "patch_embed", None)
-    for key in ("img_size", "patch_size"):
-        value = getattr(patch_embed, key, None)
-        if value is not None:
-            kwargs[key] = tuple(int(s) for s in value)
-    kwargs.update(model_kwargs or {})
-    return {"name": name, "kwargs": kwargs}
-
-
 def wrap(
     backbone: nn.Module | str,
     method: str,
@@ -346,6 +321,8 @@ def wrap(
             ``(mean, std)`` pair, or None when the backbone expects [0, 1] inputs.
         model_kwargs: keyword arguments of ``timm.create_model`` needed to rebuild the
             backbone on :func:`load` (num_classes, in_chans and a ViT's img_size are inferred).
+            The backbone's architecture is recorded too, so a rebuild without kwargs that leave
+            the state dict unchanged (``act_layer``, ``global_pool``, ...) is refused on load.
         check_inputs: validate that inputs are (N, C, H, W) float images in [0, 1].
         **options: the method's options; unknown ones raise a ``ValueError`` listing them.
     """
@@ -358,127 +335,6 @@ def wrap(
         backbone,
         method_obj,
         normalize=_resolve_normalize(backbone, normalize),
-        backbone_spec=_backbone_spec(backbone, model_kwargs),
+        backbone_spec=timm_spec(backbone, model_kwargs),  # before surgery
         check_inputs=check_inputs,
-    )
-
-
-def file_header(model: ConditionalModel, fmt: str, version: int) -> dict[str, Any]:
-    """The fields every oat-plugins file of a model starts with: format, versions, and what
-    rebuilds the backbone (timm spec, normalisation, method name)."""
-    stats = model.normalize_stats
-    return {
-        "format": fmt,
-        "format_version": version,
-        "oat_plugins_version": __version__,
-        "backbone": model.backbone_spec,
-        "normalize": None if stats is None else {"mean": list(stats[0]), "std": list(stats[1])},
-        "method": model.method_name,
-    }
-
-
-def check_header(payload: object, fmt: str, version: int, source: str, kind: str) -> None:
-    """Raise a clear ``ValueError`` unless ``payload`` is a ``fmt`` file this version reads."""
-    if not isinstance(payload, dict) or payload.get("format") != fmt:
-        raise ValueError(f"{source} is not an oat-plugins {kind}")
-    if payload.get("format_version", 0) > version:
-        raise ValueError(
-            f"{source} has {kind} format {payload['format_version']}, newer than this "
-            f"oat-plugins ({__version__}) reads ({version}); upgrade oat-plugins"
-        )
-
-
-def to_checkpoint(model: ConditionalModel) -> dict[str, Any]:
-    """Everything needed to rebuild ``model``, as plain tensors and JSON-like values."""
-    if not isinstance(model, ConditionalModel):
-        raise ValueError(f"expected a ConditionalModel, got {type(model).__name__}")
-    lam = model.lam
-    return {
-        **file_header(model, CHECKPOINT_FORMAT, CHECKPOINT_VERSION),
-        "options": model.method.options_dict(),
-        "check_inputs": model.check_inputs,
-        "lam": lam if isinstance(lam, float) else lam.cpu(),
-        "state_dict": model.state_dict(),
-    }
-
-
-def from_checkpoint(
-    payload: dict[str, Any],
-    *,
-    method: str | None = None,
-    backbone: nn.Module | None = None,
-    source: str = "checkpoint",
-) -> ConditionalModel:
-    """Rebuild a model from :func:`to_checkpoint`'s dictionary (or a training checkpoint
-    holding one under ``'model'``), in eval mode."""
-    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
-        payload = payload["model"]
-    check_header(payload, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, source,
-                 "conditional-model checkpoint")
-    if method is not None and payload["method"] != method:
-        raise ValueError(
-            f"{source} holds a {payload['method']!r} model, not a {method!r} one"
-        )
-    if backbone is None:
-        spec = payload["backbone"]
-        if spec is None:
-            raise ValueError(
-                f"{source} was saved from a backbone that is not a named timm model; pass "
-                "load(..., backbone=<an identical freshly built nn.Module>)"
-            )
-        backbone = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
-    norm = payload["normalize"]
-    model = ConditionalModel(
-        backbone,
-        get_method(payload["method"])(**payload["options"]),
-        normalize=None if norm is None else (norm["mean"], norm["std"]),
-        backbone_spec=payload["backbone"],
-        check_inputs=payload.get("check_inputs", True),
-    )
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as err:
-        raise ValueError(
-            f"{source} does not match the rebuilt {payload['method']!r} model (was it saved "
-            "with other timm model kwargs? pass them as wrap(..., model_kwargs=...)): "
-            f"{str(err)[:500]}"
-        ) from None
-    model.set_lambda(payload["lam"])
-    return model.eval()
-
-
-def save(model: ConditionalModel, path: str | os.PathLike) -> None:
-    """Write ``model`` to one file (atomically) that :func:`load` rebuilds it from."""
-    atomic_torch_save(to_checkpoint(model), path)
-
-
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with a clear error for a bad file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {os.fspath(path)!r}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as err:
-        raise ValueError(
-            f"{os.fspath(path)!r} is not a readable checkpoint (corrupt, truncated, or not "
-            f"written by torch.save): {err}"
-        ) from None
-
-
-def load(
-    path: str | os.PathLike,
-    *,
-    map_location: Any = "cpu",
-    method: str | None = None,
-    backbone: nn.Module | None = None,
-) -> ConditionalModel:
-    """Rebuild a model written by :func:`save` (or a training checkpoint holding one under
-    ``'model'``), in eval mode (call ``.train()`` to fine-tune it). ``method`` makes a
-    checkpoint of another method an error; ``backbone`` supplies the architecture when it is
-    not a named timm model."""
-    return from_checkpoint(
-        read_checkpoint(path, map_location),
-        method=method,
-        backbone=backbone,
-        source=repr(os.fspath(path)),
     )

@@ -244,7 +244,8 @@ def test_timm_api_passes_through(images):
         assert torch.allclose(model.forward_head(feats), model(images))
     model.reset_classifier(3)
     assert model(images).shape == (4, 3)
-    assert model.backbone_spec["kwargs"]["num_classes"] == 3
+    # recorded for load to replay (create_model kwargs stay those of the wrapped backbone)
+    assert model.backbone_spec["reset_classifier"] == [{"num_classes": 3, "args": [], "kwargs": {}}]
 
 
 def test_custom_normalization_and_none(images):

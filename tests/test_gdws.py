@@ -689,7 +689,7 @@ def test_save_load_converted_weights_only(tmp_path, resnet18: nn.Module) -> None
     with torch.no_grad():
         assert torch.equal(back(x), new.eval()(x))
     payload = torch.load(path, weights_only=True)
-    assert payload["source"]["arch"] == "resnet18" and payload["extra"] == {"budget": 0.3}
+    assert payload["backbone"]["name"] == "resnet18" and payload["extra"] == {"budget": 0.3}
 
 
 def test_cli_gdws_timm_model(tmp_path, resnet18: nn.Module, capsys) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from ..checkpoint import from_checkpoint, read_checkpoint
 from ..exported import from_exported, is_exported
-from ..model import from_checkpoint, read_checkpoint
 
 
 def number(text: str) -> float:

@@ -9,7 +9,8 @@ Examples::
 Input: a checkpoint written by ``oat_plugins.save`` (loaded with ``oat_plugins.load`` and
 exported at ``--lambda``), or with ``--timm-model NAME`` a plain state dict of that timm model.
 
-Output (``oat_plugins.gdws.save_converted``): a dict with the timm architecture name, the
+Output (``oat_plugins.gdws.save_converted``): a dict with the header every oat-plugins model
+file shares (the timm spec of the source architecture, with its create_model kwargs), the
 constructor config of every ``GDWSConv2d``, the state dict and the conversion report; it loads
 with ``torch.load(weights_only=True)``. Rebuild with ``oat_plugins.gdws.load_converted(path)``,
 or ``load_converted(path, build=factory)`` when the exported model is not a bare timm model.
@@ -26,7 +27,7 @@ from typing import Any
 from torch import nn
 
 import oat_plugins
-from oat_plugins.model import read_checkpoint
+from oat_plugins.checkpoint import read_checkpoint, timm_spec
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
+def _load_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The plain model to convert and the timm spec that rebuilds its architecture."""
     if args.timm_model:
         import timm
 
@@ -78,10 +80,11 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
         if isinstance(sd, dict) and "state_dict" in sd:
             sd = sd["state_dict"]
         model.load_state_dict(sd)
-        return model.eval(), args.timm_model
+        return model.eval(), timm_spec(model, kwargs)
     cond = oat_plugins.load(args.checkpoint)
     model = cond.export() if args.lam is None else cond.export(args.lam)
-    return model.eval(), None
+    # The conditional model's spec holds the create_model kwargs of its (narrow, ...) backbone.
+    return model.eval(), cond.backbone_spec
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from oat_plugins.gdws import convert, format_report, save_converted
 
     try:
-        model, arch = _load_model(args)
+        model, spec = _load_model(args)
         alphas = None
         if args.alphas:
             alphas = read_checkpoint(args.alphas)
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             for r in report
         ],
     }
-    save_converted(new, args.out, arch=arch, extra=extra)
+    save_converted(new, args.out, spec=spec, extra=extra)
     print(format_report(report))
     print(f"\nsaved to {args.out} (load with oat_plugins.gdws.load_converted)")
     return 0

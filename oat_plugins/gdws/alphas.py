@@ -26,6 +26,7 @@ from timm.layers.padding import pad_same
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._device import model_device
 from ..attacks import build_attack
 from .convert import ConvSpec, conv_spec, eligible_convs
 
@@ -169,10 +170,7 @@ def compute_alphas(
     if not eligible:
         raise ValueError("model has no conv eligible for GDWS")
     specs = {n: conv_spec(m) for n, m in eligible.items()}
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+    device = model_device(model)
     attack_fn = _attack_fn(model, attack)  # a bad name fails before the model is touched
     was_training = model.training
     model.eval()

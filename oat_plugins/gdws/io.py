@@ -1,4 +1,9 @@
-"""MAC counting and ``weights_only``-safe storage of GDWS-converted models."""
+"""MAC counting and ``weights_only``-safe storage of GDWS-converted models.
+
+The file starts with the header every oat-plugins model file shares
+(:mod:`oat_plugins.checkpoint`): the ``backbone`` timm spec is that of the *unconverted*
+architecture, which :func:`load_converted` builds before putting the ``GDWSConv2d`` layers in.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._device import model_device
 from .._io import atomic_torch_save
-from ..model import read_checkpoint
+from ..checkpoint import (
+    attach_normalize,
+    build_backbone,
+    check_header,
+    file_header,
+    load_weights,
+    read_checkpoint,
+    replay_resets,
+    split_normalize,
+    timm_spec,
+    with_model_kwargs,
+)
 from .layer import GDWSConv2d
 
-__all__ = ["FORMAT", "count_macs", "load_converted", "save_converted", "source_spec"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "count_macs", "load_converted", "save_converted"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "oat_plugins.gdws.converted/1"
+FORMAT = "oat-plugins/gdws-model"
+FORMAT_VERSION = 1
+LEGACY_FORMAT = "oat_plugins.gdws.converted/1"  # before the common header; still read
 
 
 def count_macs(model: nn.Module, example: torch.Tensor | Sequence[int]) -> int:
@@ -29,11 +48,7 @@ def count_macs(model: nn.Module, example: torch.Tensor | Sequence[int]) -> int:
     are ignored. ``example`` is an input tensor or its shape (then zeros on the model's device).
     """
     if not isinstance(example, torch.Tensor):
-        try:
-            dev = next(model.parameters()).device
-        except StopIteration:
-            dev = torch.device("cpu")
-        example = torch.zeros(*example, device=dev)
+        example = torch.zeros(*example, device=model_device(model))
     total = [0]
 
     def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
@@ -60,40 +75,11 @@ def count_macs(model: nn.Module, example: torch.Tensor | Sequence[int]) -> int:
     return int(total[0])
 
 
-def source_spec(model: nn.Module) -> dict[str, Any] | None:
-    """How to rebuild the (unconverted) architecture of ``model`` with timm, or None.
-
-    Understands a timm model and ``nn.Sequential(torchvision Normalize, timm model)`` (what
-    ``ConditionalModel.export`` returns for a normalising model).
-    """
-    from torchvision.transforms import Normalize
-
-    norm = None
-    core = model
-    if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], Normalize):
-        norm = {
-            "mean": [float(v) for v in torch.as_tensor(model[0].mean).flatten()],
-            "std": [float(v) for v in torch.as_tensor(model[0].std).flatten()],
-        }
-        core = model[1]
-    cfg = getattr(core, "pretrained_cfg", None)
-    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
-    if not arch:
-        return None
-    kwargs: dict[str, Any] = {}
-    nc = getattr(core, "num_classes", None)
-    if isinstance(nc, int):
-        kwargs["num_classes"] = nc
-    first = next((m for m in core.modules() if isinstance(m, (nn.Conv2d, GDWSConv2d))), None)
-    if first is not None and first.in_channels != 3:
-        kwargs["in_chans"] = int(first.in_channels)
-    return {"arch": arch, "kwargs": kwargs, "normalize": norm}
-
-
 def save_converted(
     model: nn.Module,
     path: str | os.PathLike[str],
     *,
+    spec: dict[str, Any] | None = None,
     arch: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
@@ -101,22 +87,28 @@ def save_converted(
     """Save a converted model so that :func:`load_converted` rebuilds it with
     ``torch.load(weights_only=True)`` (no pickled classes). Written atomically.
 
-    Stored: ``format``; ``source`` = how to rebuild the unconverted architecture (timm ``arch``,
-    its ``kwargs``, and the ``normalize`` mean/std when the model is
-    ``nn.Sequential(Normalize, timm model)``, as exported by ``ConditionalModel.export``),
-    inferred by :func:`source_spec` unless ``arch``/``model_kwargs`` are given; the constructor
-    config of every :class:`GDWSConv2d` by module name; the ``state_dict``; and ``extra``
-    (plain data only, e.g. the report or beta).
+    Args:
+        model: the converted model: a timm model, or ``nn.Sequential(Normalize, timm model)``
+            as exported by ``ConditionalModel.export`` (the normalisation is stored).
+        spec: the timm spec of the source (unconverted) architecture: a conditional model's
+            ``backbone_spec``, or :func:`oat_plugins.checkpoint.timm_spec` of the plain model
+            taken before conversion. Default: inferred from ``model`` (``num_classes``,
+            ``in_chans``, a ViT's token grid) plus ``model_kwargs``, without the architecture
+            check; pass ``spec`` for a backbone built with other ``create_model`` kwargs.
+        arch: the timm architecture name, when ``model`` does not carry it.
+        model_kwargs: ``timm.create_model`` kwargs added to the spec.
+        extra: plain data stored alongside (e.g. the report or beta).
     """
-    spec = source_spec(model) or {"arch": None, "kwargs": {}, "normalize": None}
-    if arch is not None:
-        spec["arch"] = arch
-    if model_kwargs is not None:
-        spec["kwargs"] = dict(model_kwargs)
+    stats, core = split_normalize(model)
+    if spec is None:
+        # The converted model's repr is not the source architecture's: no architecture record.
+        spec = timm_spec(core, record_architecture=False)
+        if arch is not None:
+            spec = {"name": arch, "kwargs": {**(spec or {}).get("kwargs", {})}}
+    spec = with_model_kwargs(spec, model_kwargs, repr(os.fspath(path)))
     layers = {n: m.config() for n, m in model.named_modules() if isinstance(m, GDWSConv2d)}
     payload = {
-        "format": FORMAT,
-        "source": spec,
+        **file_header(FORMAT, FORMAT_VERSION, backbone=spec, normalize=stats, method=None),
         "gdws_layers": layers,
         "state_dict": model.state_dict(),
         "extra": extra or {},
@@ -125,44 +117,55 @@ def save_converted(
     logger.info("saved GDWS model (%d GDWS layers) to %s", len(layers), path)
 
 
+def _upgrade_legacy(payload: Any) -> Any:
+    """A file of the format before the common header, in the current layout."""
+    if not isinstance(payload, dict) or payload.get("format") != LEGACY_FORMAT:
+        return payload
+    src = payload["source"]
+    spec = {"name": src["arch"], "kwargs": dict(src["kwargs"])} if src.get("arch") else None
+    return {"format": FORMAT, "format_version": 0, "backbone": spec,
+            "normalize": src.get("normalize"), "method": None,
+            **{k: payload[k] for k in ("gdws_layers", "state_dict", "extra")}}
+
+
 def load_converted(
     path: str | os.PathLike[str],
     build: Callable[[], nn.Module] | None = None,
-    map_location: str | torch.device = "cpu",
+    map_location: Any = "cpu",
+    *,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Rebuild a model saved by :func:`save_converted` (``weights_only=True``), in eval mode.
 
     Args:
         path: the file.
         build: zero-argument factory for the source (unconverted) architecture. Default:
-            ``timm.create_model(arch, pretrained=False, **kwargs)`` from the file's ``source``,
-            behind a torchvision ``Normalize`` if one was saved; pass ``build`` for anything
-            else.
-        map_location: as in :func:`torch.load`.
+            ``timm.create_model(name, pretrained=False, **kwargs)`` from the file's timm spec
+            (checked against the recorded architecture), behind a torchvision ``Normalize``
+            if one was saved; pass ``build`` for anything else.
+        map_location: as in :func:`torch.load`; the model is returned on the device the
+            weights were mapped to.
+        model_kwargs: ``timm.create_model`` kwargs the file does not record.
     """
-    payload = read_checkpoint(path, map_location)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a file written by save_converted ({FORMAT})")
-    src = payload["source"]
+    source = repr(os.fspath(path))
+    payload = _upgrade_legacy(read_checkpoint(path, map_location))
+    check_header(payload, FORMAT, FORMAT_VERSION, source, "GDWS-converted model")
     if build is None:
-        if not src["arch"]:
-            raise ValueError(
-                f"{path} stores no timm architecture name; pass build=<factory of the source "
-                "model>"
-            )
-        import timm
-
-        model = timm.create_model(src["arch"], pretrained=False, **src["kwargs"])
-        if src.get("normalize"):
-            from torchvision.transforms import Normalize
-
-            norm = src["normalize"]
-            model = nn.Sequential(Normalize(norm["mean"], norm["std"]), model)
+        spec = with_model_kwargs(payload["backbone"], model_kwargs, source)
+        if spec is None:
+            raise ValueError(f"{source} stores no timm architecture name; pass "
+                             "build=<factory of the source model>")
+        core = build_backbone(spec, source=source, timm_version=payload.get("timm_version"),
+                              hint="pass the timm.create_model kwargs it was built with as "
+                              "model_kwargs={...}, or build=<factory of the source model>")
+        replay_resets(core, spec)
+        model = attach_normalize(core, payload["normalize"])
     else:
         model = build()
     for name, cfg in payload["gdws_layers"].items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, GDWSConv2d(**cfg))
-    model.load_state_dict(payload["state_dict"], strict=True)
+    load_weights(model, payload["state_dict"], source=source,
+                 what="the rebuilt GDWS-converted model")
     return model.eval()

@@ -50,6 +50,8 @@ from typing import Any
 
 import torch
 
+from .._device import model_device
+
 __all__ = ["install", "is_installed", "native_autoattack", "autoattack_class"]
 
 logger = logging.getLogger(__name__)
@@ -95,12 +97,6 @@ def _pyautoattack() -> types.ModuleType:
         raise ImportError(_INSTALL_HINT) from err
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _make_adapter() -> type:
     base = _pyautoattack().AutoAttack
 
@@ -131,7 +127,7 @@ def _make_adapter() -> type:
             if is_tf_model:
                 raise NotImplementedError("pyautoattack does not support TensorFlow models")
             if device is None:
-                device = _model_device(model)
+                device = model_device(model)
             attacks = list(attacks_to_run) if version == "custom" else None
             super().__init__(model, attacks=attacks, device=device, eps=eps, norm=norm,
                              seed=seed, version=version)

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .._device import model_device
 from .data import NUM_CLASSES, load_data
 from .entries import (
     DEFAULT_EPS,
@@ -145,16 +146,10 @@ def model_at(model: nn.Module | str | os.PathLike, lam: float | None) -> Iterato
         model.train(was_training)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 @contextmanager
 def _on_device(model: nn.Module, device: torch.device | str | None) -> Iterator[torch.device]:
     """Run on ``device`` (default: where the model is), moving the model back afterwards."""
-    home = _model_device(model)
+    home = model_device(model)
     dev = torch.device(device) if device is not None else home
     model.to(dev)
     try:

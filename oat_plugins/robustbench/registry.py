@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._device import model_device
 from . import _timm_entrypoints
 from .entries import check_dataset, check_threat_model, entry_id
 from .protocol import _is_conditional, _load_checkpoint, check_lambda, prepare_model
@@ -78,7 +79,7 @@ def _entrypoint(tname: str, reg: _Registration) -> Any:
                             f"got {sorted(kwargs)}")
         model = reg.build()
         if num_classes is not None:
-            device = next(iter(model.parameters()), torch.empty(0)).device
+            device = model_device(model)
             with torch.no_grad():
                 out = model(torch.zeros(1, 3, 32, 32, device=device))
             if out.shape[-1] != num_classes:
