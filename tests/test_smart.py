@@ -189,7 +189,7 @@ def test_clean_only_weights_are_trained_only_by_clean_samples():
 
 
 def test_blend_rule_is_a_dial_and_switch_rule_a_switch():
-    blend, switch = small(overlap=0.5), small(overlap=0.5, lambda_rule="switch")
+    blend, switch = small(overlap=0.5, lambda_rule="blend"), small(overlap=0.5)
     for mod, name, masks in expert_masks(blend.backbone):
         w = mod.parametrizations[name].original
         with blend.at(0.3), torch.no_grad():

@@ -40,7 +40,7 @@ class ExpertMasks(ConditionedParametrization):
 
     def __init__(self, shape: Sequence[int], condition: Condition, *,
                  clean: torch.Tensor | None = None, adversarial: torch.Tensor | None = None,
-                 rule: str = "blend", device: torch.device | str | None = None) -> None:
+                 rule: str = "switch", device: torch.device | str | None = None) -> None:
         super().__init__(condition)
         if rule not in LAMBDA_RULES:
             raise ValueError(f"unknown λ rule {rule!r}; choose one of {list(LAMBDA_RULES)}")
