@@ -129,3 +129,92 @@ def _topk_mask(scores: torch.Tensor, k: int, n_alive: int) -> torch.Tensor:
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     mask[torch.topk(scores, k, sorted=False).indices] = True
     return mask
+
+
+# -- two masks on one weight (SMART's clean and adversarial experts) ---------------------------
+def random_scores(weights: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """Uniform random scores, one tensor per weight, drawn on the CPU from a generator seeded
+    from (``seed``, index): reproducible on any device and independent of the global RNG."""
+    scores = []
+    for index, w in enumerate(weights):
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+        scores.append(torch.rand(w.shape, generator=generator).to(w.device))
+    return scores
+
+
+def check_pair(densities: tuple[float, float], overlap: float) -> None:
+    """Raise ``ValueError`` unless two masks of these densities can share the fraction
+    ``overlap`` of the smaller one's entries within one tensor (d₁ + d₂ − o·min(d₁, d₂) ≤ 1)."""
+    for density in densities:
+        check_density(density)
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) \
+            or not 0.0 <= float(overlap) <= 1.0:
+        raise ValueError(f"overlap must be a number in [0, 1] (fraction of a path's kept "
+                         f"weights shared with the other path), got {overlap!r}")
+    d1, d2 = densities
+    union = d1 + d2 - overlap * min(d1, d2)
+    if union > 1.0 + 1e-9:
+        raise ValueError(
+            f"densities {d1:g} and {d2:g} with overlap {overlap:g} need {union:g} of the "
+            f"weights (more than all of them); raise overlap to at least "
+            f"{(d1 + d2 - 1.0) / min(d1, d2):.3g} or lower the densities")
+
+
+def pair_counts(n: int, densities: tuple[float, float], overlap: float) -> tuple[int, int, int]:
+    """(k₁, k₂, shared) entries of two masks on a tensor of ``n`` entries: kᵢ = round(dᵢ·n)
+    (at least one), shared = round(overlap·min(k₁, k₂)), raised where rounding would need more
+    than ``n`` entries (tiny tensors)."""
+    k1, k2 = (min(n, max(1, round(d * n))) for d in densities)
+    shared = round(overlap * min(k1, k2))
+    return k1, k2, max(shared, k1 + k2 - n)
+
+
+def mask_pair_from_scores(
+    scores: tuple[torch.Tensor, torch.Tensor],
+    densities: tuple[float, float],
+    overlap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two boolean masks on one tensor, each keeping the entries its own scores rank high,
+    with exactly the counts of :func:`pair_counts`.
+
+    Each entry gets a *draft time* per mask: its rank in that mask's score order divided by
+    the mask's quota (when a proportional draft would reach it). The shared entries are those
+    with the earliest time for both (smallest max of the two); of the rest, each entry goes to
+    the mask that would draft it first (ties, e.g. one score for both masks, are dealt
+    alternately by rank), a mask over its quota keeps its earliest entries and a mask under
+    it fills up from the unclaimed ones in its own order. With one score for both (magnitude)
+    the two masks thus get alternate ranks rather than one taking all the largest weights.
+    """
+    s1, s2 = (s.detach().float().flatten() for s in scores)
+    n = s1.numel()
+    k1, k2, shared = pair_counts(n, densities, overlap)
+    r1, r2 = _ranks(s1), _ranks(s2)
+    t1, t2 = r1.double() / k1, r2.double() / k2
+    both = _take(torch.maximum(t1, t2), shared, torch.ones(n, dtype=torch.bool, device=s1.device))
+    free = ~both
+    prefer1 = (t1 < t2) | ((t1 == t2) & (r1 % 2 == 0))
+    only1 = _take(t1, k1 - shared, free & prefer1)
+    only2 = _take(t2, k2 - shared, free & ~prefer1)
+    # fill any deficit from what neither mask holds, in the mask's own order
+    only1 |= _take(t1, k1 - shared - int(only1.sum()), free & ~only1 & ~only2)
+    only2 |= _take(t2, k2 - shared - int(only2.sum()), free & ~only1 & ~only2)
+    shape = scores[0].shape
+    return (both | only1).view(shape), (both | only2).view(shape)
+
+
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Position of each entry in descending score order (0 = highest)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks
+
+
+def _take(time: torch.Tensor, k: int, allowed: torch.Tensor) -> torch.Tensor:
+    """The ``k`` allowed entries with the smallest ``time`` (fewer if fewer are allowed)."""
+    chosen = torch.zeros_like(allowed)
+    k = min(k, int(allowed.sum()))
+    if k > 0:
+        ranked = torch.where(allowed, -time, -torch.inf)
+        chosen[torch.topk(ranked, k, sorted=False).indices] = True
+    return chosen

@@ -33,13 +33,10 @@ from ..layers.weight_noise import NOISE_MODES, WeightNoise
 from ..samplers import ExtremesLambdaSampler, LambdaSampler
 from ..surgery import NothingToConditionError, Replacement, replace_modules
 from .base import Method, register_method
+from .sites import CONV_TYPES, weight_sites  # noqa: F401  (CONV_TYPES: old import path)
 
 if TYPE_CHECKING:
     from ..model import ConditionalModel
-
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-"""Convolutions whose weight is conditioned (timm subclasses such as Conv2dSame, StdConv2d
-included; container convs such as CondConv2d are not)."""
 
 PRUNE_CRITERIA = ("magnitude", "snip")
 
@@ -110,19 +107,6 @@ def _layer_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**63 - 1)
 
 
-def _head_modules(backbone: nn.Module) -> set[int]:
-    get = getattr(backbone, "get_classifier", None)
-    if not callable(get):
-        return set()
-    head = get()
-    heads = head if isinstance(head, (tuple, list)) else (head,)
-    return {id(m) for h in heads if isinstance(h, nn.Module) for m in h.modules()}
-
-
-def _has_weight(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "weight", None), nn.Parameter)
-
-
 @register_method
 class Float(Method):
     """FLOAT: W_eff = W + α·λ·η on every conv (optionally linear) weight, dual norms; FLOATS
@@ -145,24 +129,7 @@ class Float(Method):
         self, backbone: nn.Module, condition: Condition, extras: nn.ModuleDict
     ) -> list[Replacement]:
         opts = self.options
-        heads = _head_modules(backbone)
-        convs, linears, head = [], [], []
-        for name, module in backbone.named_modules():
-            if not _has_weight(module) or parametrize.is_parametrized(module, "weight"):
-                continue
-            if not isinstance(module, (*CONV_TYPES, nn.Linear)):
-                continue
-            if id(module) in heads:
-                head.append((name, module))
-            elif isinstance(module, nn.Linear):
-                linears.append((name, module))
-            else:
-                convs.append((name, module))
-        use_linear = opts.linear
-        if use_linear is None:
-            conv_weights = sum(m.weight.numel() for _, m in convs)
-            use_linear = sum(m.weight.numel() for _, m in linears) > conv_weights
-        sites = convs + (linears if use_linear else []) + (head if opts.include_head else [])
+        sites = weight_sites(backbone, opts.linear, opts.include_head)
         if not sites:
             raise NothingToConditionError(
                 f"method {self.name!r} found no weight to condition in "
