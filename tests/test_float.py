@@ -586,3 +586,59 @@ def test_default_recipe_is_the_documented_one():
 def test_bad_recipe_raises(recipe):
     with pytest.raises(ValueError, match="unknown FLOAT recipe"):
         oat_plugins.get_method("float")(recipe=recipe)
+
+
+def _perturbed_bn_model(**options) -> oat_plugins.ConditionalModel:
+    """``small`` float model whose two norm branches differ (affine and running stats)."""
+    _, model = small("float", **options)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, DualNorm):
+                for branch, shift in ((module.clean, 0.0), (module.robust, 0.3)):
+                    branch.weight.normal_(1.0, 0.2)
+                    branch.bias.normal_(shift, 0.2)
+                    branch.running_mean.normal_(0.0, 0.2)
+                    branch.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_norm_rule_interpolate_mixes_the_branches_and_exports():
+    switch, mixed = _perturbed_bn_model(), _perturbed_bn_model(norm_rule="interpolate")
+    mixed.load_state_dict(switch.state_dict())
+    x = torch.rand(X)
+    norm = next(m for m in mixed.modules() if isinstance(m, DualNorm))
+    feats = torch.randn(2, norm.clean.num_features, 4, 4)
+    with torch.no_grad():
+        with mixed.at(0.3):
+            torch.testing.assert_close(norm(feats),
+                                       norm.act(0.7 * norm.clean(feats) + 0.3 * norm.robust(feats)))
+        for lam in (0.0, 1.0):  # the ends are those of the switch rule
+            assert torch.equal(mixed.set_lambda(lam)(x), switch.set_lambda(lam)(x))
+        outputs = {lam: mixed.set_lambda(lam)(x) for lam in (0.3, 0.7)}
+        assert not torch.allclose(outputs[0.3], switch.set_lambda(0.3)(x), atol=1e-3)
+    for lam, out in outputs.items():
+        exported = mixed.export(lam).eval()
+        assert foreign_modules(exported) == []
+        with torch.no_grad():
+            assert (exported(x) - out).abs().max() <= 1e-4
+
+
+def test_norm_rule_interpolate_per_sample_equals_per_lambda_forwards():
+    model = _perturbed_bn_model(norm_rule="interpolate")
+    norm = next(m for m in model.modules() if isinstance(m, DualNorm))
+    feats = torch.randn(4, norm.clean.num_features, 4, 4)
+    lam = torch.tensor([0.0, 0.4, 1.0, 0.4])
+    with torch.no_grad(), model.at(lam):
+        joint = norm(feats)
+    for i, li in enumerate(lam.tolist()):
+        with torch.no_grad(), model.at(li):
+            torch.testing.assert_close(joint[i:i + 1], norm(feats[i:i + 1]))
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"norm_rule": "mix"}, "unknown norm_rule"),
+    ({"norm_rule": "interpolate", "dual_norm": False}, "needs dual_norm"),
+])
+def test_bad_norm_rule_raises(options, match):
+    with pytest.raises(ValueError, match=match):
+        oat_plugins.get_method("float")(**options)

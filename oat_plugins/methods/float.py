@@ -49,6 +49,9 @@ RECIPES = ("reference", "oat", "extremes")
 """FLOAT training recipes (the ``recipe`` option); see ``docs/methods/float.md``."""
 DEFAULT_RECIPE = "reference"
 
+NORM_RULES = ("switch", "interpolate")
+"""Dual-norm rule at intermediate λ (the ``norm_rule`` option)."""
+
 ROBUST_CLEAN_LAMBDA = 1e-4
 """λ at which the ``reference`` recipe trains the robust branch on clean images: any λ > 0
 selects the robust norm, and the weight noise α·λ·η is 10⁻⁴ of its λ = 1 size (the
@@ -84,6 +87,9 @@ class FloatOptions:
         ``'oat'``: OAT's loss and OAT's λ set {0, .1, .2, .3, .4, 1} (noise scaled by λ);
         ``'extremes'``: OAT's loss on FLOAT's two extremes (the clean term of the λ = 1 half
         weighs 0: the robust branch never sees a clean image).
+    norm_rule: ``'switch'`` (default): the shared dual-norm rule, any λ > 0 on the robust
+        norm; ``'interpolate'``: (1 − λ)·clean(x) + λ·robust(x) at 0 < λ < 1 (still one
+        plain norm when exported).
     """
 
     noise: str = "fixed"
@@ -97,8 +103,14 @@ class FloatOptions:
     prune_scope: str = "layer"
     seed: int = 0
     recipe: str = DEFAULT_RECIPE
+    norm_rule: str = "switch"
 
     def __post_init__(self) -> None:
+        if self.norm_rule not in NORM_RULES:
+            raise ValueError(f"unknown norm_rule {self.norm_rule!r}; choose one of "
+                             f"{list(NORM_RULES)}")
+        if self.norm_rule != "switch" and not self.dual_norm:
+            raise ValueError(f"norm_rule={self.norm_rule!r} needs dual_norm=True")
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown FLOAT recipe {self.recipe!r}; choose one of "
                              f"{list(RECIPES)}")
@@ -216,8 +228,10 @@ class Float(Method):
             done.append(Replacement(f"{name}.weight", original_type, change))
 
         if opts.dual_norm:
+            mix = opts.norm_rule == "interpolate"
             done += replace_modules(backbone, lambda _, m: is_norm(m),
-                                    lambda _, m: DualNorm(m, condition), "DualNorm")
+                                    lambda _, m: DualNorm(m, condition, interpolate=mix),
+                                    "DualNorm")
         return done
 
     def prepare(self, model: ConditionalModel, x: torch.Tensor, y: torch.Tensor) -> None:
