@@ -37,7 +37,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import Normalize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,9 +104,20 @@ def _decode_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, l
     return images, labels, folder.classes
 
 
-def load_data(spec: str) -> tuple[Dataset, Dataset, str]:
+def load_data(spec: str, n_train: int | None = None,
+              seed: int = 0) -> tuple[Dataset, Dataset, str]:
     """(train with augmentation, test, description) for ``bundled``, a CIFAR-10 JPEG
-    tarball, or an extracted ImageFolder directory with train/ and test/."""
+    tarball, or an extracted ImageFolder directory with train/ and test/; with ``n_train``,
+    a seeded random subset of that many training images (the same for every model)."""
+    train, test, described = _load_splits(spec)
+    if n_train is None or n_train >= len(train):
+        return train, test, described
+    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_train]
+    return (Subset(train, keep.tolist()), test,
+            f"{described}, of which a seeded subset of {n_train:,} train images")
+
+
+def _load_splits(spec: str) -> tuple[Dataset, Dataset, str]:
     if spec == "bundled":
         return (load_dataset("bundled", "train"), load_dataset("bundled", "test"),
                 "bundled CIFAR-10 sample (4,000 train / 1,000 test)")
@@ -211,7 +222,7 @@ def _fingerprint(args: argparse.Namespace, kind: str) -> dict[str, Any]:
         config.pop(key, None)
     return json.loads(json.dumps({"kind": kind, "model": args.model,
                                   "model_kwargs": _model_kwargs(args), "data": args.data,
-                                  "config": config}))
+                                  "n_train": args.n_train, "config": config}))
 
 
 def _cached(run_dir: Path, args: argparse.Namespace, kind: str) -> float | None:
@@ -254,6 +265,7 @@ def run_method(spec: str, args, train, test, out: Path) -> tuple[SweepResult, fl
     method, options = parse_method(spec)
     run_dir = out / spec.replace(":", "-").replace("=", "")
     seconds = _cached(run_dir, args, spec)
+    fresh = seconds is None
     if seconds is not None:
         model = oat_plugins.load(run_dir / "model.pt")
     else:
@@ -269,11 +281,26 @@ def run_method(spec: str, args, train, test, out: Path) -> tuple[SweepResult, fl
         seconds = time.perf_counter() - start
         oat_plugins.save(model, run_dir / "model.pt")
         _record(run_dir, args, spec, seconds)
-    result = evaluate(model, test, args.lambdas, attack=args.attack, steps=args.steps,
+    return _sweep(model, run_dir, args, test, args.lambdas, retrained=fresh), seconds
+
+
+def _sweep(model: nn.Module, run_dir: Path, args: argparse.Namespace, test: Dataset,
+           lambdas: list[float] | None, retrained: bool) -> SweepResult:
+    """Evaluate ``model`` (or reuse ``run_dir/sweep.json`` made with the same evaluation
+    settings for the same trained model): a combined table re-evaluates nothing."""
+    key = {"lambdas": lambdas, "attack": args.attack, "steps": args.steps,
+           "n_examples": args.n_examples, "seed": args.seed}
+    path, key_path = run_dir / "sweep.json", run_dir / "sweep_key.json"
+    if (not retrained and path.is_file() and key_path.is_file()
+            and json.loads(key_path.read_text()) == key):
+        logger.info("reusing %s", path)
+        return SweepResult.from_json(path)
+    result = evaluate(model, test, lambdas, attack=args.attack, steps=args.steps,
                       n_examples=args.n_examples, subset_seed=0, seed=args.seed,
                       progress=not args.no_progress)
-    result.to_json(run_dir / "sweep.json")
-    return result, seconds
+    result.to_json(path)
+    atomic_write_text(json.dumps(key), key_path)
+    return result
 
 
 def run_baseline(name: str, args, train, test, out: Path) -> tuple[SweepResult, float]:
@@ -281,6 +308,7 @@ def run_baseline(name: str, args, train, test, out: Path) -> tuple[SweepResult, 
     run_dir = out / name
     path = run_dir / "model.pt"
     seconds = _cached(run_dir, args, name)
+    fresh = seconds is None
     if seconds is not None:
         model = from_exported(torch.load(path, weights_only=True), source=repr(str(path)))
     else:
@@ -294,11 +322,7 @@ def run_baseline(name: str, args, train, test, out: Path) -> tuple[SweepResult, 
         atomic_torch_save(_plain_payload(model, {"name": args.model, "kwargs": kwargs}, name),
                           path)
         _record(run_dir, args, name, seconds)
-    result = evaluate(model, test, None, attack=args.attack, steps=args.steps,
-                      n_examples=args.n_examples, subset_seed=0, seed=args.seed,
-                      progress=not args.no_progress)
-    result.to_json(run_dir / "sweep.json")
-    return result, seconds
+    return _sweep(model, run_dir, args, test, None, retrained=fresh), seconds
 
 
 def markdown_table(results: dict[str, tuple[SweepResult, float]]) -> str:
@@ -331,6 +355,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help=f"comma-separated plain baselines among {', '.join(BASELINES)} "
                    "('' for none)")
+    p.add_argument("--n-train", type=int, default=None,
+                   help="train on a seeded random subset of this many images (screening "
+                   "runs; default: the whole training set)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-steps", type=int, default=None,
                    help="cap on optimizer steps per run (smoke runs)")
@@ -363,13 +390,16 @@ def main(argv: list[str] | None = None) -> int:
     baselines = [b for b in args.baselines.split(",") if b]
     for m in methods:
         name, options = parse_method(m)
-        oat_plugins.get_method(name)(**options)  # a bad method or option fails before training
+        try:  # a bad method or option fails before training
+            oat_plugins.get_method(name)(**options)
+        except (ValueError, TypeError) as error:
+            raise SystemExit(f"--methods {m!r}: {error}") from None
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
         raise SystemExit(f"unknown baselines {unknown}; choose among {BASELINES}")
     out = Path(args.out)
     started = time.perf_counter()
-    train, test, described = load_data(args.data)
+    train, test, described = load_data(args.data, args.n_train, args.seed)
     results: dict[str, tuple[SweepResult, float]] = {}
     for m in methods:
         results[m] = run_method(m, args, train, test, out)

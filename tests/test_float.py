@@ -482,3 +482,163 @@ def warnings_as_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         yield
+
+
+# -- training recipes (issue 11: FLOAT as a dial) ----------------------------------------------
+def _recipe_model(recipe: str) -> oat_plugins.ConditionalModel:
+    """A tiny conv + GroupNorm net (per-sample forwards equal batched ones in train mode)
+    wrapped with ``recipe``; the robust norm's affine is perturbed so the two branches
+    differ, and α is large enough for the noise to matter."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    model = oat_plugins.wrap(net, "float", normalize=None, recipe=recipe, alpha_init=2.0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, DualNorm):
+                module.robust.weight.normal_(1.0, 0.5)
+                module.robust.bias.normal_(0.0, 0.5)
+    return model.train()
+
+
+def _recipe_context(model, lam):
+    from oat_plugins.losses import LossContext, LossForward
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(len(lam), 3, 8, 8, generator=gen)
+    y = torch.randint(0, 10, (len(lam),), generator=gen)
+    adv = lam > 0
+    x_adv = (x[adv] + 0.03 * torch.randn(x[adv].shape, generator=gen)).clamp(0, 1)
+    return LossContext(model, x, y, lam, x_adv, LossForward(model))
+
+
+def _ce_at(model, lam: float, x, y) -> torch.Tensor:
+    with model.at(lam):
+        return F.cross_entropy(model(x[None]), y[None])
+
+
+def test_reference_recipe_loss_is_the_authors_formula():
+    from oat_plugins.methods.float import ROBUST_CLEAN_LAMBDA
+
+    model = _recipe_model("reference")
+    lam = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5])
+    ctx = _recipe_context(model, lam)
+    loss, stats = model.method.training_loss(ctx)
+    expected, k = torch.zeros(()), 0
+    for i, li in enumerate(lam.tolist()):
+        if li == 0:
+            expected = expected + 0.5 * _ce_at(model, 0.0, ctx.x[i], ctx.y[i])
+        else:  # clean image on the robust norm without noise, adversarial one at λ_i
+            expected = expected + 0.5 * _ce_at(model, ROBUST_CLEAN_LAMBDA, ctx.x[i], ctx.y[i])
+            expected = expected + 0.5 * _ce_at(model, li, ctx.x_adv[k], ctx.y[i])
+            k += 1
+    torch.testing.assert_close(loss, expected / len(lam), rtol=1e-4, atol=1e-5)
+    assert stats["n_clean"] == 5 and stats["n_adv"] == 3
+    # the robust clean term is not the λ = 0 model: the formula above tells them apart
+    assert not torch.allclose(_ce_at(model, 0.0, ctx.x[1], ctx.y[1]),
+                              _ce_at(model, ROBUST_CLEAN_LAMBDA, ctx.x[1], ctx.y[1]))
+
+
+@pytest.mark.parametrize("recipe", ["oat", "extremes"])
+def test_oat_and_extremes_recipes_use_oats_per_sample_formula(recipe):
+    model = _recipe_model(recipe)
+    lam = torch.tensor([0.0, 1.0, 0.2, 0.0, 0.4])
+    ctx = _recipe_context(model, lam)
+    loss, _ = model.method.training_loss(ctx)
+    expected, k = torch.zeros(()), 0
+    for i, li in enumerate(lam.tolist()):
+        expected = expected + (1 - li) * _ce_at(model, li, ctx.x[i], ctx.y[i])
+        if li > 0:
+            expected = expected + li * _ce_at(model, li, ctx.x_adv[k], ctx.y[i])
+            k += 1
+    torch.testing.assert_close(loss, expected / len(lam), rtol=1e-4, atol=1e-5)
+
+
+def test_recipe_samplers():
+    from oat_plugins.samplers import DiscreteLambdaSampler
+
+    oat = oat_plugins.get_method("float")(recipe="oat").default_sampler()
+    assert type(oat) is DiscreteLambdaSampler and oat.lambdas == [0.0, 0.1, 0.2, 0.3, 0.4, 1.0]
+    for recipe in ("reference", "extremes"):
+        sampler = oat_plugins.get_method("float")(recipe=recipe).default_sampler()
+        assert isinstance(sampler, ExtremesLambdaSampler)
+
+
+def test_recipe_round_trips_through_save_load(tmp_path):
+    model = oat_plugins.wrap(SMALL, "floats", model_kwargs={"num_classes": 10}, recipe="oat")
+    oat_plugins.save(model, tmp_path / "m.pt")
+    loaded = oat_plugins.load(tmp_path / "m.pt")
+    assert loaded.method.options.recipe == "oat"
+    assert loaded.method.default_sampler().lambdas == [0.0, 0.1, 0.2, 0.3, 0.4, 1.0]
+
+
+def test_default_recipe_is_the_documented_one():
+    from pathlib import Path
+
+    from oat_plugins.methods.float import DEFAULT_RECIPE, FloatOptions, FloatsOptions
+
+    assert FloatOptions().recipe == FloatsOptions().recipe == DEFAULT_RECIPE
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "methods" / "float.md").read_text()
+    assert f"| `recipe` | `'{DEFAULT_RECIPE}'` |" in doc
+
+
+@pytest.mark.parametrize("recipe", ["OAT", "dial", 1])
+def test_bad_recipe_raises(recipe):
+    with pytest.raises(ValueError, match="unknown FLOAT recipe"):
+        oat_plugins.get_method("float")(recipe=recipe)
+
+
+def _perturbed_bn_model(**options) -> oat_plugins.ConditionalModel:
+    """``small`` float model whose two norm branches differ (affine and running stats)."""
+    _, model = small("float", **options)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, DualNorm):
+                for branch, shift in ((module.clean, 0.0), (module.robust, 0.3)):
+                    branch.weight.normal_(1.0, 0.2)
+                    branch.bias.normal_(shift, 0.2)
+                    branch.running_mean.normal_(0.0, 0.2)
+                    branch.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_norm_rule_interpolate_mixes_the_branches_and_exports():
+    switch, mixed = _perturbed_bn_model(), _perturbed_bn_model(norm_rule="interpolate")
+    mixed.load_state_dict(switch.state_dict())
+    x = torch.rand(X)
+    norm = next(m for m in mixed.modules() if isinstance(m, DualNorm))
+    feats = torch.randn(2, norm.clean.num_features, 4, 4)
+    with torch.no_grad():
+        with mixed.at(0.3):
+            torch.testing.assert_close(norm(feats),
+                                       norm.act(0.7 * norm.clean(feats) + 0.3 * norm.robust(feats)))
+        for lam in (0.0, 1.0):  # the ends are those of the switch rule
+            assert torch.equal(mixed.set_lambda(lam)(x), switch.set_lambda(lam)(x))
+        outputs = {lam: mixed.set_lambda(lam)(x) for lam in (0.3, 0.7)}
+        assert not torch.allclose(outputs[0.3], switch.set_lambda(0.3)(x), atol=1e-3)
+    for lam, out in outputs.items():
+        exported = mixed.export(lam).eval()
+        assert foreign_modules(exported) == []
+        with torch.no_grad():
+            assert (exported(x) - out).abs().max() <= 1e-4
+
+
+def test_norm_rule_interpolate_per_sample_equals_per_lambda_forwards():
+    model = _perturbed_bn_model(norm_rule="interpolate")
+    norm = next(m for m in model.modules() if isinstance(m, DualNorm))
+    feats = torch.randn(4, norm.clean.num_features, 4, 4)
+    lam = torch.tensor([0.0, 0.4, 1.0, 0.4])
+    with torch.no_grad(), model.at(lam):
+        joint = norm(feats)
+    for i, li in enumerate(lam.tolist()):
+        with torch.no_grad(), model.at(li):
+            torch.testing.assert_close(joint[i:i + 1], norm(feats[i:i + 1]))
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"norm_rule": "mix"}, "unknown norm_rule"),
+    ({"norm_rule": "interpolate", "dual_norm": False}, "needs dual_norm"),
+])
+def test_bad_norm_rule_raises(options, match):
+    with pytest.raises(ValueError, match=match):
+        oat_plugins.get_method("float")(**options)

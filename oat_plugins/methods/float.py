@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -30,7 +31,8 @@ from ..layers.mask_selection import (
 )
 from ..layers.weight_mask import WeightMask, apply_mask, masked_density, weight_masks
 from ..layers.weight_noise import NOISE_MODES, WeightNoise
-from ..samplers import ExtremesLambdaSampler, LambdaSampler
+from ..losses import LossContext, Stats, batch_stats, oat_loss_terms
+from ..samplers import DiscreteLambdaSampler, ExtremesLambdaSampler, LambdaSampler
 from ..surgery import NothingToConditionError, Replacement, replace_modules
 from .base import Method, register_method
 from .sites import CONV_TYPES, weight_sites  # noqa: F401  (CONV_TYPES: old import path)
@@ -39,6 +41,18 @@ if TYPE_CHECKING:
     from ..model import ConditionalModel
 
 PRUNE_CRITERIA = ("magnitude", "snip")
+
+RECIPES = ("reference", "oat", "extremes")
+"""FLOAT training recipes (the ``recipe`` option); see ``docs/methods/float.md``."""
+DEFAULT_RECIPE = "reference"
+
+NORM_RULES = ("switch", "interpolate")
+"""Dual-norm rule at intermediate λ (the ``norm_rule`` option)."""
+
+ROBUST_CLEAN_LAMBDA = 1e-4
+"""λ at which the ``reference`` recipe trains the robust branch on clean images: any λ > 0
+selects the robust norm, and the weight noise α·λ·η is 10⁻⁴ of its λ = 1 size (the
+authors' "robust BN, no noise"), without a second switch besides λ."""
 
 
 @dataclass
@@ -62,6 +76,17 @@ class FloatOptions:
         the first batch) or :func:`snip_prune` chooses them).
     prune_scope: ``'layer'`` (each layer kept at ``density``) or ``'global'`` (one threshold).
     seed: seed of the fixed noise (layer i uses a generator seeded from (seed, i)).
+    recipe: training recipe (the method's loss and default λ sampler):
+        ``'reference'`` (default): the authors' code; half of each batch at λ = 0, half at
+        λ = 1, every sample's clean image in the loss (the λ > 0 half on the robust norm
+        with no noise, at λ = ``ROBUST_CLEAN_LAMBDA``):
+        ``mean_i[0.5·CE(f_{0 or ε}(x_i)) + 0.5·[λ_i > 0]·CE(f_λi(x_adv_i))]``;
+        ``'oat'``: OAT's loss and OAT's λ set {0, .1, .2, .3, .4, 1} (noise scaled by λ);
+        ``'extremes'``: OAT's loss on FLOAT's two extremes (the clean term of the λ = 1 half
+        weighs 0: the robust branch never sees a clean image).
+    norm_rule: ``'switch'`` (default): the shared dual-norm rule, any λ > 0 on the robust
+        norm; ``'interpolate'``: (1 − λ)·clean(x) + λ·robust(x) at 0 < λ < 1 (still one
+        plain norm when exported).
     """
 
     noise: str = "fixed"
@@ -74,8 +99,18 @@ class FloatOptions:
     prune: str = "magnitude"
     prune_scope: str = "layer"
     seed: int = 0
+    recipe: str = DEFAULT_RECIPE
+    norm_rule: str = "switch"
 
     def __post_init__(self) -> None:
+        if self.norm_rule not in NORM_RULES:
+            raise ValueError(f"unknown norm_rule {self.norm_rule!r}; choose one of "
+                             f"{list(NORM_RULES)}")
+        if self.norm_rule != "switch" and not self.dual_norm:
+            raise ValueError(f"norm_rule={self.norm_rule!r} needs dual_norm=True")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown FLOAT recipe {self.recipe!r}; choose one of "
+                             f"{list(RECIPES)}")
         if self.noise not in NOISE_MODES:
             raise ValueError(f"unknown noise mode {self.noise!r}; choose one of "
                              f"{list(NOISE_MODES)}")
@@ -160,8 +195,10 @@ class Float(Method):
             done.append(Replacement(f"{name}.weight", original_type, change))
 
         if opts.dual_norm:
+            mix = opts.norm_rule == "interpolate"
             done += replace_modules(backbone, lambda _, m: is_norm(m),
-                                    lambda _, m: DualNorm(m, condition), "DualNorm")
+                                    lambda _, m: DualNorm(m, condition, interpolate=mix),
+                                    "DualNorm")
         return done
 
     def prepare(self, model: ConditionalModel, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -180,8 +217,17 @@ class Float(Method):
                 f"({self.options.prune}, {self.options.prune_scope} scope)"]
 
     def default_sampler(self) -> LambdaSampler:
-        """FLOAT's two extremes: half of each batch at λ = 0, half at λ = 1."""
+        """The recipe's λ sampler: FLOAT's two extremes (half of each batch at λ = 0, half at
+        λ = 1) for ``'reference'`` and ``'extremes'``, OAT's set for ``'oat'``."""
+        if self.options.recipe == "oat":
+            return DiscreteLambdaSampler()
         return ExtremesLambdaSampler()
+
+    def training_loss(self, ctx: LossContext) -> tuple[torch.Tensor, Stats]:
+        """The recipe's loss (see :class:`FloatOptions`)."""
+        if self.options.recipe == "reference":
+            return reference_loss_terms(ctx)
+        return oat_loss_terms(ctx)
 
 
 @register_method
@@ -190,6 +236,25 @@ class Floats(Float):
 
     name = "floats"
     Options = FloatsOptions
+
+
+def reference_loss_terms(ctx: LossContext) -> tuple[torch.Tensor, Stats]:
+    """The FLOAT authors' loss: ``Σ_i [0.5·CE(f_ci(x_i)) + 0.5·[λ_i > 0]·CE(f_λi(x_adv_i))] / N``
+    with c_i = 0 for λ_i = 0 (clean norm) and c_i = :data:`ROBUST_CLEAN_LAMBDA` for λ_i > 0
+    (robust norm, no noise to speak of): the robust branch is trained on clean images without
+    noise and on adversarial ones with noise λ_i, so λ moves it between the two.
+
+    One forward on ``[x ; x_adv]``; the statistics count every clean row."""
+    adv = ctx.adversarial
+    clean_lam = torch.where(adv, torch.full_like(ctx.lam, ROBUST_CLEAN_LAMBDA),
+                            torch.zeros_like(ctx.lam))
+    inputs = torch.cat([ctx.x, ctx.x_adv])
+    targets = torch.cat([ctx.y, ctx.y[adv]])
+    with ctx.autocast():
+        logits = ctx.forward(inputs, torch.cat([clean_lam, ctx.lam[adv]]))
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    loss = 0.5 * losses.sum() / ctx.x.shape[0]
+    return loss, batch_stats(ctx, logits, targets, n_clean=ctx.x.shape[0])
 
 
 def snip_prune(
