@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import pickle
@@ -325,12 +326,23 @@ def _backbone_spec(backbone: nn.Module, model_kwargs: dict[str, Any] | None) -> 
     patch_embed = getattr(backbone, "patch_embed", None)
     for key in ("img_size", "patch_size"):
         value = getattr(patch_embed, key, None)
+        if not _takes_argument(type(backbone), key):  # e.g. EfficientViT (MSRA): no patch_size
+            continue
         if isinstance(value, int):  # e.g. XCiT keeps an int
             kwargs[key] = value
         elif value is not None:
             kwargs[key] = tuple(int(s) for s in value)
     kwargs.update(model_kwargs or {})
     return {"name": name, "kwargs": kwargs}
+
+
+def _takes_argument(cls: type, name: str) -> bool:
+    """Whether ``cls(...)`` accepts the keyword argument ``name``."""
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def wrap(

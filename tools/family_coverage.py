@@ -337,6 +337,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="reuse each family's model and input size from an earlier --json "
                              "output (skips choosing them)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other families' rows of an existing --json file (and "
+                             "its order); rerun only the families asked for")
     parser.add_argument("--markdown", type=Path, help="write the markdown report here")
     args = parser.parse_args(argv)
     known = oat_plugins.available_methods()
@@ -366,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     known = {}
     if args.models_from:
         known = {r["family"]: r for r in json.loads(args.models_from.read_text())["families"]}
-    rows = []
+    earlier = []
+    if args.update and args.json and args.json.is_file():
+        earlier = json.loads(args.json.read_text())["families"]
+    rows: list[dict[str, Any]] = []
     # checkpoints of the round trip go to memory-backed storage where there is one
     scratch = "/dev/shm" if Path("/dev/shm").is_dir() else None
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
@@ -376,11 +382,18 @@ def main(argv: list[str] | None = None) -> int:
             status = "  ".join(f"{m}:{'ok' if res['ok'] else 'FAIL@' + res['stage']}"
                                for m, res in row["results"].items())
             print(f"{family:28s} {row['model'] or '-':32s} {status}", flush=True)
-            write_reports(args, rows, meta)  # after every family: a long run can be cut short
-    report = markdown(rows, args.methods, meta)
+            write_reports(args, merged(earlier, rows), meta)  # a long run may be cut short
+    report = markdown(merged(earlier, rows), args.methods, meta)
     print()
     print("## Share" + report.split("## Share", 1)[1])
     return 0
+
+
+def merged(earlier: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``earlier`` rows with those of the families in ``rows`` replaced (new ones appended)."""
+    new = {r["family"]: r for r in rows}
+    out = [new.pop(r["family"], r) for r in earlier]
+    return out + [r for r in rows if r["family"] in new]
 
 
 def write_reports(args: argparse.Namespace, rows: list[dict[str, Any]],
