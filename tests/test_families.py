@@ -36,10 +36,11 @@ def test_family_wraps_trains_exports_and_round_trips(name, method, tmp_path):
     kwargs, size = PREVIOUSLY_FAILING[name]
     backbone = timm.create_model(name, num_classes=10, **kwargs)
     model = oat_plugins.wrap(backbone, method, model_kwargs=kwargs or None)
-    x = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0))
 
-    model.train().set_lambda(torch.tensor([0.0, 1.0, 0.5]))
-    F.cross_entropy(model(x), torch.tensor([0, 1, 2])).backward()
+    # two samples per λ: norms in train mode see more than one sample per branch / λ group
+    model.train().set_lambda(torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
     added = ("post.", "film.", "alpha", "robust.")  # FiLM, FLOAT's α, robust norm branch
     conditioned = [p for n, p in model.named_parameters()
                    if any(k in n for k in added) and p.grad is not None]
@@ -57,7 +58,7 @@ def test_family_wraps_trains_exports_and_round_trips(name, method, tmp_path):
         assert foreign_modules(exported) == []
     assert not torch.allclose(outputs[0.0], outputs[1.0])
 
-    model.set_lambda(torch.tensor([0.0, 1.0, 0.5]))
+    model.set_lambda(torch.tensor([0.0, 1.0, 0.5, 0.2]))
     oat_plugins.save(model, tmp_path / "m.pt")
     loaded = oat_plugins.load(tmp_path / "m.pt")
     with torch.no_grad():

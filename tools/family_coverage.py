@@ -9,7 +9,8 @@ case must:
 1. **wrap**: ``oat_plugins.wrap(backbone, method, model_kwargs=...)``;
 2. **train**: one SGD step (forward + backward) at a mixed per-sample λ (0, 1, 0.5, 0, ...);
 3. **export**: after perturbing the conditioned parameters (so λ changes the output),
-   ``model.export(λ)`` equals the model within 1e-4 at λ = 0 and λ = 1;
+   ``model.export(λ)`` equals the model within 1e-4 (times the largest logit where that
+   exceeds 1) at λ = 0 and λ = 1, queried first with autograd on as an attack would;
 4. **roundtrip**: ``oat_plugins.load(oat_plugins.save(...))`` gives exactly the same output.
 
 Usage::
@@ -233,8 +234,10 @@ def run_case(base: nn.Module, kwargs: dict[str, Any], size: int, method: str,
             with torch.no_grad():
                 exported = model.export(lam).eval()
                 diff = float((exported(x) - outputs[lam]).abs().max())
-            if not diff <= TOLERANCE:
-                return stage, f"export at λ={lam} differs by {diff:.3g} (> {TOLERANCE})"
+            # float32: relative to the logits where a random deep net's exceed 1 (DLA: 1e20)
+            bound = TOLERANCE * max(1.0, float(outputs[lam].abs().max()))
+            if not diff <= bound:
+                return stage, f"export at λ={lam} differs by {diff:.3g} (> {bound:.3g})"
         if torch.equal(outputs[0.0], outputs[1.0]):
             return stage, "λ does not change the output after perturbing the conditioning"
 
@@ -304,7 +307,8 @@ def markdown(rows: list[dict[str, Any]], methods: list[str], meta: dict[str, Any
         f"{len(rows)} families, one model each (fewest parameters), num_classes=10, "
         f"batch {BATCH}, one thread, {meta['timeout']:.0f} s per case. A case passes when the "
         "model wraps, trains one step at a mixed per-sample λ, exports equal to the model "
-        f"(≤ {TOLERANCE}) at λ = 0 and 1 after perturbing the conditioning, and round-trips "
+        f"(≤ {TOLERANCE}, relative where logits exceed 1) at λ = 0 and 1 after perturbing the "
+        "conditioning, and round-trips "
         "through save/load exactly. Rerun: `python tools/family_coverage.py`.",
         "",
         "| family | model | params | input | " + " | ".join(methods) + " |",
