@@ -26,6 +26,7 @@ starts with the same header (:func:`file_header`)::
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import pickle
@@ -116,13 +117,26 @@ def timm_spec(
     patch_embed = getattr(backbone, "patch_embed", None)
     for key in ("img_size", "patch_size"):
         value = getattr(patch_embed, key, None)
-        if value is not None:
+        if not _takes_argument(type(backbone), key):  # e.g. EfficientViT (MSRA): no patch_size
+            continue
+        if isinstance(value, int):  # e.g. XCiT keeps an int
+            kwargs[key] = value
+        elif value is not None:
             kwargs[key] = tuple(int(s) for s in value)
     kwargs.update(model_kwargs or {})
     spec: dict[str, Any] = {"name": name, "kwargs": kwargs}
     if record_architecture:
         spec["architecture"] = architecture_text(backbone)
     return spec
+
+
+def _takes_argument(cls: type, name: str) -> bool:
+    """Whether ``cls(...)`` accepts the keyword argument ``name``."""
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def with_model_kwargs(

@@ -43,6 +43,12 @@ from .surgery import foreign_modules, summarize
 logger = logging.getLogger(__name__)
 
 _RANGE_TOLERANCE = 1e-4
+_FAR_OUTSIDE = (-1.0, 2.0)
+"""Inputs beyond these bounds are refused unless their mean is that of images (see below)."""
+_IMAGE_MEAN = (0.3, 0.9)
+"""Mean of a batch of images in [0, 1] (natural images: about 0.45), also with zero-mean noise
+added by an attack; normalised images have a mean near 0 (ImageNet-normalised uniform noise:
+0.23), 0-255 images far above 1."""
 
 
 class ConditionalModel(nn.Module):
@@ -277,13 +283,39 @@ def _check_images(x: object, in_chans: int | None) -> None:
         raise ValueError(
             f"input must have shape (N, {in_chans or 'C'}, H, W), got {tuple(x.shape)}"
         )
-    lo, hi = torch.aminmax(x.detach())
-    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+    _check_range(x.detach())
+
+
+def _check_range(x: torch.Tensor) -> None:
+    """Warn (once) about values outside [0, 1]; refuse values far outside it whose mean is not
+    that of images in [0, 1].
+
+    Attacks legitimately query the model slightly off the image box (NI-FGSM's Nesterov look-
+    ahead, VMI-FGSM's neighbours, SPSA's finite differences) or with noise added
+    (randomised-smoothing PGD: N(0, 0.5²) reaches below -1 and above 2), so a wrapped model
+    accepts what the backbone accepts. The common mistake this guards against is different:
+    already-normalised images (mean ≈ 0, e.g. ImageNet-normalised values span [-2.1, 2.6])
+    or 0–255 images (mean ≫ 1), which the model would normalise a second time.
+    """
+    lo, hi = torch.aminmax(x)
+    if lo >= -_RANGE_TOLERANCE and hi <= 1 + _RANGE_TOLERANCE:
+        return
+    mean = float(x.float().mean())
+    far = lo < _FAR_OUTSIDE[0] or hi > _FAR_OUTSIDE[1]
+    if far and not _IMAGE_MEAN[0] <= mean <= _IMAGE_MEAN[1]:
+        likely = "already-normalised images" if mean < _IMAGE_MEAN[0] else "0-255 images"
         raise ValueError(
             f"input values must be images in [0, 1] (got min {float(lo):.3g}, max "
-            f"{float(hi):.3g}); the model normalises internally, so pass unnormalised images "
-            "(or wrap with check_inputs=False)"
+            f"{float(hi):.3g}, mean {mean:.3g}: {likely}?); the model normalises internally, "
+            "so pass unnormalised images in [0, 1] (or wrap with check_inputs=False)"
         )
+    # A constant message: Python's default warning filter then shows it once.
+    warnings.warn(
+        "a conditional model got input values outside [0, 1]; they are accepted (attacks "
+        "query slightly off the image box), but images should be in [0, 1] and not "
+        "normalised: the model normalises internally",
+        stacklevel=2,
+    )
 
 
 def _resolve_normalize(
@@ -323,7 +355,11 @@ def wrap(
             backbone on :func:`load` (num_classes, in_chans and a ViT's img_size are inferred).
             The backbone's architecture is recorded too, so a rebuild without kwargs that leave
             the state dict unchanged (``act_layer``, ``global_pool``, ...) is refused on load.
-        check_inputs: validate that inputs are (N, C, H, W) float images in [0, 1].
+        check_inputs: validate that inputs are (N, C, H, W) float images. Values outside
+            [0, 1] are accepted with a one-time warning (attacks query the model slightly off
+            the image box, or with noise); values far outside it (below -1 or above 2) whose
+            mean is not that of images in [0, 1] are a ``ValueError``: already-normalised or
+            0-255 images.
         **options: the method's options; unknown ones raise a ``ValueError`` listing them.
     """
     if isinstance(backbone, str):

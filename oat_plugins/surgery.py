@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .layers.base import ConditionedModule, FoldableParametrization
 
 Predicate = Callable[[str, nn.Module], bool]
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -122,3 +126,39 @@ def summarize(replacements: list[Replacement]) -> str:
     """One line per (original type → change) with its count."""
     counts = Counter((r.original, r.change) for r in replacements)
     return "\n".join(f"  {n:4d} × {orig} → {change}" for (orig, change), n in counts.items())
+
+
+def deepcopy_module(module: M) -> M:
+    """``copy.deepcopy(module)`` that also works after a forward with autograd on.
+
+    Some timm modules cache tensors computed from their parameters as plain attributes (e.g.
+    the attention-bias caches of EfficientFormer, LeViT, TinyViT, filled by an eval-mode
+    forward); made with grad enabled, such a tensor is not a graph leaf and ``deepcopy``
+    refuses it. The copy gets a detached clone of each: the same value, no graph.
+    """
+    memo: dict[int, object] = {}
+    for tensor in _attribute_tensors(module):
+        if tensor.grad_fn is not None:
+            memo[id(tensor)] = tensor.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
+def _attribute_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Tensors held by the submodules of ``module`` outside their parameters, buffers and
+    children: plain attributes, also inside dicts, lists and tuples."""
+    stack: list[object] = [
+        value for m in module.modules() for key, value in vars(m).items()
+        if key not in ("_parameters", "_buffers", "_modules")
+    ]
+    seen: set[int] = set()
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set)):
+            stack.extend(value)

@@ -223,7 +223,9 @@ def test_unknown_method_and_option_list_what_exists():
 
 
 def test_backbone_without_norms_is_refused():
-    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    # no norm, and no conv with a bias for the norm-free fallback (FiLM after convs)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(10))
     with pytest.raises(oat_plugins.NothingToConditionError, match="no norm layer"):
         oat_plugins.wrap(plain, "film")
 

@@ -17,7 +17,6 @@ Adding a method touches no core file: see ``docs/adding-a-method.md``.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,7 +26,7 @@ from torch import nn
 from ..condition import Condition
 from ..losses import LossContext, Stats, oat_loss_terms
 from ..samplers import LambdaSampler
-from ..surgery import Replacement, fold_conditioned
+from ..surgery import Replacement, deepcopy_module, fold_conditioned
 
 if TYPE_CHECKING:
     from ..model import ConditionalModel
@@ -106,7 +105,7 @@ class Method:
         piece (dual norms → the chosen norm with FiLM folded in, weight parametrizations →
         plain weights)."""
         with torch.no_grad():
-            copied = copy.deepcopy(model)
+            copied = deepcopy_module(model)  # timm's cached tensors with history too
             copied.condition.lam = lam
             return fold_conditioned(copied.backbone)
 

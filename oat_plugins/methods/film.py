@@ -10,6 +10,7 @@ from torch import nn
 
 from ..condition import Condition
 from ..layers import DualNorm, FiLM, build_encoding, channel_dim, is_norm, norm_channels
+from ..layers.conv_film import ConvFiLM, output_scale_parameter
 from ..samplers import DiscreteLambdaSampler, LambdaSampler
 from ..surgery import NothingToConditionError, Replacement, replace_modules
 from .base import Method, register_method
@@ -88,11 +89,13 @@ class Film(Method):
             dual_norm,
             lambda new: "DualNorm" if new.post is None else "DualNorm + FiLM",
         )
+        done = done or film_after_convs(backbone, condition, encoder, opts)
         if not done:
             raise NothingToConditionError(
                 f"method 'film' found no norm layer to condition in {type(backbone).__name__}: "
                 "it needs BatchNorm2d, LayerNorm or GroupNorm layers (or timm subclasses such "
-                "as BatchNormAct2d, LayerNorm2d, GroupNormAct)"
+                "as BatchNormAct2d, LayerNorm2d, GroupNormAct), or, in a norm-free network, "
+                "convolutions with a bias"
             )
         return done
 
@@ -114,3 +117,31 @@ class Film(Method):
                 f"Wrap with lambdas={tuple(sorted(trained))} (oat-plugins train --lambdas "
                 "sets both) or use encoding='sinusoidal'"
             )
+
+_CHANNEL_GATE = re.compile(r"(^|\.)(se|attn)(\.|$)")
+
+
+def film_after_convs(
+    backbone: nn.Module, condition: Condition, encoder: nn.Module, opts: FilmOptions
+) -> list[Replacement]:
+    """The FiLM sites of a norm-free network (NF-ResNet, NFNet, VGG without BN): a FiLM on
+    the output of every main-path conv that has a bias and a per-channel output scale to fold
+    γ into (:class:`~oat_plugins.layers.conv_film.ConvFiLM`). Convs matching ``film_skip``
+    (shortcuts) are left alone, as their norms would be, and so are the convs of channel
+    gates (squeeze-excitation ``se`` / ``attn`` modules), which have no norm in normalised
+    networks either. Returns [] if there is none."""
+    skip = re.compile(opts.film_skip)
+    scales: dict[str, str] = {}
+
+    def is_site(name: str, module: nn.Module) -> bool:
+        excluded = skip.search(name) or _CHANNEL_GATE.search(name)
+        scale = None if excluded else output_scale_parameter(module)
+        if scale is not None:
+            scales[name] = scale
+        return scale is not None
+
+    def film_conv(name: str, conv: nn.Module) -> nn.Module:
+        film = FiLM(conv.out_channels, 1, encoder, condition, opts.identity_init)
+        return ConvFiLM(conv, film, scales[name])
+
+    return replace_modules(backbone, is_site, film_conv, "FiLM after conv (no norm)")
