@@ -41,7 +41,9 @@ def test_family_wraps_trains_exports_and_round_trips(name, method, tmp_path):
     # two samples per λ: norms in train mode see more than one sample per branch / λ group
     model.train().set_lambda(torch.tensor([0.0, 1.0, 0.0, 1.0]))
     F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
-    added = ("post.", "film.", "alpha", "robust.")  # FiLM, FLOAT's α, robust norm branch
+    # FiLM, FLOAT's α, robust norm branch; SMART's masked shared weights (a norm-free net
+    # gives SMART no norm branch and it adds no parameter of its own)
+    added = ("post.", "film.", "alpha", "robust.", "parametrizations.weight.original")
     conditioned = [p for n, p in model.named_parameters()
                    if any(k in n for k in added) and p.grad is not None]
     assert conditioned and any(p.grad.abs().sum() > 0 for p in conditioned)
