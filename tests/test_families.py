@@ -15,6 +15,7 @@ from timm.layers import ScaledStdConv2d
 from torch import nn
 
 import oat_plugins
+from oat_plugins.layers import DualNorm
 from oat_plugins.layers.conv_film import ConvFiLM, output_scale_parameter
 from oat_plugins.surgery import deepcopy_module, foreign_modules
 
@@ -123,3 +124,19 @@ def test_deepcopy_module_copies_a_non_leaf_cached_tensor():
     assert copied.cache["b"].grad_fn is None
     assert torch.equal(copied.cache["b"], module.cache["b"])
     assert copied.bias is not module.bias
+
+
+def test_film_skips_norms_without_bias_and_exports_metaformer():
+    """A FiLM after a norm with no bias (metaformer's LayerNorm2dNoBias) could not be folded
+    on export: such norms get the dual norm only."""
+    torch.manual_seed(0)
+    model = oat_plugins.wrap("poolformerv2_s12", "film", model_kwargs={"num_classes": 10})
+    films = [m for m in model.modules() if isinstance(m, DualNorm) and m.post is not None]
+    no_bias = [m for m in model.modules() if isinstance(m, DualNorm) and m.clean.bias is None]
+    assert films and no_bias and all(m.post is None for m in no_bias)
+    perturb(model)
+    model.eval()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with model.at(0.5), torch.enable_grad():
+        expected = model(x).detach()
+    torch.testing.assert_close(model.export(0.5)(x), expected, rtol=1e-4, atol=1e-4)

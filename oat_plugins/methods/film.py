@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..condition import Condition
@@ -76,7 +77,7 @@ class Film(Method):
 
         def dual_norm(name: str, norm: nn.Module) -> nn.Module:
             film = None
-            if skip.search(name) is None:
+            if skip.search(name) is None and _has_affine(norm):
                 film = FiLM(
                     norm_channels(norm), channel_dim(norm), encoder, condition,
                     opts.identity_init,
@@ -145,3 +146,10 @@ def film_after_convs(
         return ConvFiLM(conv, film, scales[name])
 
     return replace_modules(backbone, is_site, film_conv, "FiLM after conv (no norm)")
+
+
+def _has_affine(norm: nn.Module) -> bool:
+    """Whether a FiLM after ``norm`` can be folded into it on export: a per-channel weight and
+    bias (a norm without them, e.g. metaformer's LayerNorm2dNoBias, gets the dual norm only)."""
+    return isinstance(getattr(norm, "weight", None), torch.Tensor) and isinstance(
+        getattr(norm, "bias", None), torch.Tensor)
