@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--lam", type=float, default=0.5, help="λ for the latency rows")
+    parser.add_argument("--rows", choices=("all", "inference"), default="all",
+                        help="'inference': only the parameter and latency tables (fast)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -107,7 +109,7 @@ def main() -> None:
         sampled = model.method.default_sampler()(args.batch_size, torch.Generator().manual_seed(0))
         steps[f"{name} OAT (sampler)"] = method_step(model, sampled)
         steps[f"{name} λ=1"] = method_step(model, torch.ones(args.batch_size))
-    rows_train = median_seconds(steps, args.repeats)
+    rows_train = median_seconds(steps, args.repeats) if args.rows == "all" else {}
 
     plain.eval()
     forwards = {"plain backbone": plain}
@@ -130,7 +132,8 @@ def main() -> None:
         print(f"| {name} | {p:,} | {p / p_plain:.2f} |")
         e = n_params(model.export(args.lam))
         print(f"| {name} export | {e:,} | {e / p_plain:.2f} |")
-    print("\n| training step (PGD-7) | seconds | × plain |\n|---|---:|---:|")
+    if rows_train:
+        print("\n| training step (PGD-7) | seconds | × plain |\n|---|---:|---:|")
     for label, t in rows_train.items():
         print(f"| {label} | {t:.3f} | {t / rows_train['plain PGD-AT']:.2f} |")
     print("\n| inference | ms / batch | × plain |\n|---|---:|---:|")
