@@ -7,6 +7,7 @@ from typing import Generic, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..condition import Condition
 
@@ -88,3 +89,17 @@ class ConditionedParametrization(FoldableParametrization):
     def __init__(self, condition: Condition) -> None:
         super().__init__()
         self.condition = condition
+
+
+P = TypeVar("P", bound=nn.Module)
+
+
+def parametrizations_of(root: nn.Module, kind: type[P]) -> list[tuple[nn.Module, str, P]]:
+    """(module, tensor name, parametrization) for every parametrization of type ``kind``
+    registered under ``root``."""
+    found: list[tuple[nn.Module, str, P]] = []
+    for module in root.modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name, plist in module.parametrizations.items():
+                found += [(module, tensor_name, p) for p in plist if isinstance(p, kind)]
+    return found

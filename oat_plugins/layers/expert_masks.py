@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..condition import Condition
-from .base import ConditionedParametrization
+from .base import ConditionedParametrization, parametrizations_of
 
 LAMBDA_RULES = ("blend", "switch")
 """How the effective weight depends on an intermediate λ (see :class:`ExpertMasks`)."""
@@ -131,13 +131,7 @@ def zero_outside_union(module: nn.Module, masks: ExpertMasks, tensor_name: str =
 
 def expert_masks(root: nn.Module) -> list[tuple[nn.Module, str, ExpertMasks]]:
     """(module, tensor name, masks) for every :class:`ExpertMasks` registered under ``root``."""
-    found = []
-    for module in root.modules():
-        if parametrize.is_parametrized(module):
-            for tensor_name, plist in module.parametrizations.items():
-                found += [(module, tensor_name, p) for p in plist
-                          if isinstance(p, ExpertMasks)]
-    return found
+    return parametrizations_of(root, ExpertMasks)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import FoldableParametrization
+from .base import FoldableParametrization, parametrizations_of
 
 
 class WeightMask(FoldableParametrization):
@@ -80,12 +80,7 @@ def apply_mask(module: nn.Module, mask: WeightMask, tensor_name: str = "weight")
 
 def weight_masks(root: nn.Module) -> list[tuple[nn.Module, str, WeightMask]]:
     """(module, tensor name, mask) for every :class:`WeightMask` registered under ``root``."""
-    found = []
-    for module in root.modules():
-        if parametrize.is_parametrized(module):
-            for tensor_name, plist in module.parametrizations.items():
-                found += [(module, tensor_name, p) for p in plist if isinstance(p, WeightMask)]
-    return found
+    return parametrizations_of(root, WeightMask)
 
 
 @torch.no_grad()
