@@ -546,6 +546,7 @@ def evaluate(
     seed: int = 0,
     subset_seed: int | None = None,
     progress: bool = True,
+    log_rows: bool = True,
 ) -> SweepResult:
     """Clean and robust accuracy of ``model`` at each λ of ``lambdas``.
 
@@ -569,6 +570,7 @@ def evaluate(
             this seed instead of the first examples (for data sorted by class, such as an
             ImageFolder); not for a DataLoader.
         progress: show a tqdm progress bar.
+        log_rows: log one INFO line per λ (``fit`` reports its own epoch line instead).
 
     Returns:
         a :class:`SweepResult` with one row per λ.
@@ -645,7 +647,7 @@ def evaluate(
         "method": getattr(model, "method_name", None),
         "backbone": getattr(model, "backbone_name", None),
     }
-    for r in rows:
+    for r in rows if log_rows else ():
         logger.info("λ=%s clean %.2f %% robust %.2f %% (%s, n=%d)",
                     "–" if r.lam is None else f"{r.lam:g}", 100 * r.clean_acc,
                     100 * r.robust_acc, r.attack, r.n)

@@ -1038,7 +1038,7 @@ class _Run:
         attack = self.attack_factory if c.eval_adversarial else torchattacks.VANILA
         result = evaluate(self.model, self.eval_data, c.eval_lambdas, attack=attack,
                           n_examples=c.eval_max_samples, batch_size=self.local_batch,
-                          seed=c.seed, progress=False)
+                          seed=c.seed, progress=False, log_rows=False)
         record: dict[str, float] = {}
         for row in result:
             record[f"eval_clean_acc@{row.lam:g}"] = row.clean_acc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -114,12 +115,15 @@ def test_fit_trains_film_and_writes_checkpoint_and_metrics(tmp_path):
         assert torch.equal(model(x), loaded(x))
 
 
-def test_clean_only_evaluation(tmp_path):
+def test_clean_only_evaluation(tmp_path, caplog):
     config = tiny_config(epochs=1, eval_adversarial=False, eval_lambdas=(0.0, 0.5))
-    record = fit(tiny_model(), tiny_data(), config, tmp_path,
-                 eval_data=tiny_data(16, "test"))["history"][0]
+    with caplog.at_level(logging.INFO, logger="oat_plugins"):
+        record = fit(tiny_model(), tiny_data(), config, tmp_path,
+                     eval_data=tiny_data(16, "test"))["history"][0]
     assert {k for k in record if k.startswith("eval_")} == {"eval_clean_acc@0",
                                                             "eval_clean_acc@0.5"}
+    # no "robust" rows of the identity stand-in attack in the log
+    assert not [r for r in caplog.records if "robust" in r.getMessage()]
 
 
 def test_fit_reduces_the_loss_on_a_fixed_batch(tmp_path):
