@@ -46,7 +46,12 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ._io import atomic_torch_save, atomic_write_text
-from .attacks import ATTACKS, build_attack, find_attack  # noqa: F401  (ATTACKS: public name)
+from .attacks import (  # noqa: F401  (ATTACKS: public name)
+    ATTACKS,
+    build_attack,
+    find_attack,
+    queries_whole_batch,
+)
 from .condition import lambda_groups
 from .evaluate import evaluate
 from .losses import LossContext, LossForward
@@ -435,9 +440,15 @@ def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
 # -- the loss --------------------------------------------------------------------------------
 def adversarial_examples(model: ConditionalModel, attack: torchattacks.attack.Attack,
                          x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Adversarial examples with each sample attacked at its λ, one λ group at a time: each
-    group is attacked at a scalar λ, so attacks that query the model on a subset of their
-    batch (APGD, APGDT, FAB, Square, AutoAttack) see a consistent model."""
+    """Adversarial examples with each sample attacked at its λ.
+
+    In one call at the per-sample λ when the method serves it in one batched forward and the
+    attack only queries its whole batch (PGD, FGSM-RS, ...); otherwise one λ group at a time,
+    each at a scalar λ, so that attacks that query the model on a subset of their batch
+    (APGD, APGDT, FAB, Square, AutoAttack) see a consistent model."""
+    if not model.method.lambda_groups and queries_whole_batch(attack):
+        with model.at(lam):
+            return attack(x, y).detach()
     x_adv = torch.empty_like(x)
     for value, idx in lambda_groups(lam):
         # frozen: each group's conditioned weights are folded once per attack, not per step

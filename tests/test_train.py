@@ -177,11 +177,18 @@ def test_oat_loss_is_the_per_sample_formula(per_sample):
     attack = _RecordingFGSM(model, eps=8 / 255)
     loss, stats = oat_loss(model, x, y, lam, attack)
 
-    # The attack saw only the λ > 0 samples, in eval mode, one distinct λ at a time (each at
-    # a scalar λ, so attacks that query subsets of their batch work); train mode is back.
+    # The attack saw only the λ > 0 samples, in eval mode; train mode is back. FGSM queries
+    # its whole batch, so a method serving a per-sample λ in one forward is attacked in one
+    # call; a method that needs λ groups is attacked one distinct λ at a time.
     assert all(not training for _, training, _ in attack.calls)
-    assert sorted((lam_seen, n) for n, _, lam_seen in attack.calls) == [
-        (pytest.approx(0.1), 1), (pytest.approx(0.2), 1), (pytest.approx(0.4), 1), (1.0, 1)]
+    if per_sample:
+        assert len(attack.calls) == 1
+        n_attacked, _, lam_during_attack = attack.calls[0]
+        assert n_attacked == 4 and torch.equal(lam_during_attack, lam[lam > 0])
+    else:
+        assert sorted((lam_seen, n) for n, _, lam_seen in attack.calls) == [
+            (pytest.approx(0.1), 1), (pytest.approx(0.2), 1), (pytest.approx(0.4), 1),
+            (1.0, 1)]
     assert model.training
     assert stats["n"] == 6 and stats["n_adv"] == 4 and stats["n_clean"] == 5  # λ=1: no clean
 

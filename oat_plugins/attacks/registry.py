@@ -20,6 +20,7 @@ from torch import nn
 from torchattacks.attack import Attack
 
 __all__ = [
+    "queries_whole_batch",
     "ATTACKS",
     "PARAMETERS",
     "AttackConfig",
@@ -82,6 +83,18 @@ ATTACKS: dict[str, AttackSpec] = {}
 """Registered attacks by canonical name, in registration order (see :func:`register_attack`)."""
 
 _KEYS: dict[str, str] = {}  # lower-case name or alias -> canonical name
+
+
+def queries_whole_batch(attack: Attack) -> bool:
+    """Whether ``attack`` only ever calls the model on its whole batch, in order (gradient
+    sign attacks), so each sample may keep its own λ during one call. Attacks that query
+    subsets of their batch (APGD, APGDT, FAB, Square, AutoAttack, ...) or are not known here
+    return False and are run one λ group at a time."""
+    import torchattacks
+
+    whole_batch = (torchattacks.PGD, torchattacks.FGSM, torchattacks.FFGSM, torchattacks.PGDL2,
+                   torchattacks.EOTPGD, torchattacks.TPGD, torchattacks.BIM, torchattacks.MIFGSM)
+    return isinstance(attack, whole_batch)
 
 
 def _accepted(builder: AttackBuilder) -> frozenset[str]:
