@@ -18,6 +18,7 @@ Adding a method touches no core file: see ``docs/adding-a-method.md``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -125,6 +126,13 @@ class Method:
 
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
+
+
+def check_choice(value: object, choices: Iterable[str], what: str) -> None:
+    """Raise a ``ValueError`` naming ``what`` and the allowed ``choices`` unless ``value`` is
+    one of them (the one check behind every string option of a method)."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {list(choices)}")
 
 
 def _default(field: dataclasses.Field) -> Any:

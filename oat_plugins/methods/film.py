@@ -14,7 +14,7 @@ from ..layers import DualNorm, FiLM, build_encoding, channel_dim, is_norm, norm_
 from ..layers.conv_film import ConvFiLM, output_scale_parameter
 from ..samplers import DiscreteLambdaSampler, LambdaSampler
 from ..surgery import NothingToConditionError, Replacement, replace_modules
-from .base import Method, register_method
+from .base import Method, check_choice, register_method
 
 _DEFAULT_DIMS = {"orthogonal": 128, "sinusoidal": 16, "scalar": 1}
 
@@ -42,10 +42,7 @@ class FilmOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.encoding not in _DEFAULT_DIMS:
-            raise ValueError(
-                f"unknown encoding {self.encoding!r}; choose one of {sorted(_DEFAULT_DIMS)}"
-            )
+        check_choice(self.encoding, sorted(_DEFAULT_DIMS), "encoding")
         if self.encoding_dim is None:
             self.encoding_dim = _DEFAULT_DIMS[self.encoding]
         self.lambdas = tuple(float(v) for v in self.lambdas)

@@ -34,7 +34,7 @@ from ..layers.weight_noise import NOISE_MODES, WeightNoise
 from ..losses import LossContext, Stats, batch_stats, oat_loss_terms
 from ..samplers import DiscreteLambdaSampler, ExtremesLambdaSampler, LambdaSampler
 from ..surgery import NothingToConditionError, Replacement, replace_modules
-from .base import Method, register_method
+from .base import Method, check_choice, register_method
 from .sites import CONV_TYPES, weight_sites  # noqa: F401  (CONV_TYPES: old import path)
 
 if TYPE_CHECKING:
@@ -103,23 +103,15 @@ class FloatOptions:
     norm_rule: str = "switch"
 
     def __post_init__(self) -> None:
-        if self.norm_rule not in NORM_RULES:
-            raise ValueError(f"unknown norm_rule {self.norm_rule!r}; choose one of "
-                             f"{list(NORM_RULES)}")
+        check_choice(self.norm_rule, NORM_RULES, "norm_rule")
         if self.norm_rule != "switch" and not self.dual_norm:
             raise ValueError(f"norm_rule={self.norm_rule!r} needs dual_norm=True")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"unknown FLOAT recipe {self.recipe!r}; choose one of "
-                             f"{list(RECIPES)}")
-        if self.noise not in NOISE_MODES:
-            raise ValueError(f"unknown noise mode {self.noise!r}; choose one of "
-                             f"{list(NOISE_MODES)}")
+        check_choice(self.recipe, RECIPES, "FLOAT recipe")
+        check_choice(self.noise, NOISE_MODES, "noise mode")
         if self.density is not None:
             check_density(self.density)
             self.density = float(self.density)
-        if self.prune not in PRUNE_CRITERIA:
-            raise ValueError(f"unknown prune criterion {self.prune!r}; choose one of "
-                             f"{list(PRUNE_CRITERIA)}")
+        check_choice(self.prune, PRUNE_CRITERIA, "prune criterion")
         check_scope(self.prune_scope)
         self.alpha_init = float(self.alpha_init)
         self.seed = int(self.seed)

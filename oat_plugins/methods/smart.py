@@ -37,7 +37,7 @@ from ..layers.mask_selection import (
 from ..samplers import ExtremesLambdaSampler, LambdaSampler
 from ..stats import count_nonzero
 from ..surgery import NothingToConditionError, Replacement, replace_modules
-from .base import Method, register_method
+from .base import Method, check_choice, register_method
 from .sites import CONV_TYPES, weight_sites
 
 if TYPE_CHECKING:
@@ -94,12 +94,8 @@ class SmartOptions:
             self.density = _number(density)
         check_pair(self.densities, self.overlap)
         self.overlap = float(self.overlap)
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"unknown selection {self.selection!r}; choose one of "
-                             f"{list(SELECTIONS)}")
-        if self.lambda_rule not in LAMBDA_RULES:
-            raise ValueError(f"unknown lambda_rule {self.lambda_rule!r}; choose one of "
-                             f"{list(LAMBDA_RULES)}")
+        check_choice(self.selection, SELECTIONS, "selection")
+        check_choice(self.lambda_rule, LAMBDA_RULES, "lambda_rule")
         _check_layers(self.layers)
         self.seed = int(self.seed)
 
