@@ -100,6 +100,12 @@ class Condition:
         scalar λ instead of recomputing them every forward."""
         return self._frozen or not torch.is_grad_enabled()
 
+    @property
+    def serves_folded(self) -> bool:
+        """Whether layers may serve values folded at the current λ: a scalar λ and constant
+        conditioning weights."""
+        return self.is_scalar and self.weights_constant
+
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """Treat the conditioning weights as constants inside the block (gradients still flow

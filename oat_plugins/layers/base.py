@@ -63,13 +63,6 @@ class ConditionedModule(nn.Module):
         raise NotImplementedError
 
 
-def uses_folded(module: nn.Module, condition: Condition) -> bool:
-    """Whether ``module`` may serve a value folded at the current λ: a scalar λ and constant
-    conditioning weights (no gradient wanted for them: ``torch.no_grad``, inference mode or
-    ``model.frozen()``)."""
-    return condition.is_scalar and condition.weights_constant
-
-
 class FoldableParametrization(nn.Module):
     """A ``torch.nn.utils.parametrize`` parametrization of this package that export bakes
     into a plain weight (``remove_parametrizations(..., leave_parametrized=True)``).

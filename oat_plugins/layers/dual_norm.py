@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..condition import Condition
-from .base import ConditionedModule, FoldCache, uses_folded
+from .base import ConditionedModule, FoldCache
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 """Norms a dual norm can replace; timm's BatchNormAct2d, LayerNorm2d and GroupNormAct subclass
@@ -104,7 +104,7 @@ class DualNorm(ConditionedModule):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and uses_folded(self, self.condition):
+        if not self.training and self.condition.serves_folded:
             # The export's own module (branch with FiLM folded into its affine), built once
             # per λ: a plain norm's cost. Eval mode only: a copy must not track statistics.
             sources = [*self.parameters(), *self.buffers()]
