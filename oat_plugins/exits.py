@@ -674,6 +674,18 @@ class MultiExitAPI:
         self._router()
         return self.backbone.get_submodule(EXITS_CHILD)
 
+    def exits_report(self) -> list[str]:
+        """Lines for ``model.summary()``: where the exits are, their heads and thresholds."""
+        if self.exits is None:
+            return []
+        spec, router = self.exits.spec, self.exits
+        stages = _feature_info(self.backbone)
+        heads = [f"after {stages[p]['module']} ({sum(q.numel() for q in h.parameters()):,} "
+                 f"parameters)" for p, h in zip(spec.points, self.exit_heads, strict=True)]
+        state = ("thresholds " + ", ".join(f"{t:.3g}" for t in router.thresholds.tolist())
+                 if router.calibration is not None else "not calibrated (no early exit)")
+        return [f"  {len(heads)} early exits: " + "; ".join(heads), f"  router: {state}"]
+
     @property
     def exit_thresholds(self) -> torch.Tensor:
         """(E,) entropy thresholds of the router (early exits -inf until calibrated, the last

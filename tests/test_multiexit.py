@@ -273,3 +273,29 @@ def test_training_loss_is_the_weighted_sum_over_exits_of_half_clean_half_adversa
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0)
                for head in model.exit_heads for p in head[-1].parameters())
     assert stats["n_adv"] == 12
+
+
+# -- evaluation -----------------------------------------------------------------------------
+def test_evaluate_reports_the_mac_fraction_next_to_accuracy():
+    model = build()
+    model.calibrate(HELD_OUT, budget=0.9)
+    y = model(X).argmax(1)
+    result = oat_plugins.evaluate(model, (X, y), [0.0], attack="fgsm", batch_size=12,
+                                  progress=False)
+    assert result.rows[0].clean_acc == 1.0
+    assert result.rows[0].mac_fraction == pytest.approx(model.cost(X)["fraction"])
+    assert "MACs (% of backbone)" in result.to_markdown()
+
+
+def test_cli_eval_sets_the_exit_budget_from_the_saved_calibration(tmp_path, capsys):
+    from oat_plugins.cli import main
+
+    model = build()
+    model.calibrate(HELD_OUT, budget=0.9)
+    oat_plugins.save(model, tmp_path / "m.pt")
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--data", "bundled",
+                 "--lambdas", "0", "--attack", "fgsm", "--n-examples", "8",
+                 "--exit-budget", "0.8", "--out", str(out), "--no-progress"]) == 0
+    row = oat_plugins.SweepResult.from_json(out / "metrics.json").rows[0]
+    assert row.mac_fraction is not None and "MACs (% of backbone)" in capsys.readouterr().out
