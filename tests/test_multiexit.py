@@ -299,3 +299,8 @@ def test_cli_eval_sets_the_exit_budget_from_the_saved_calibration(tmp_path, caps
                  "--exit-budget", "0.8", "--out", str(out), "--no-progress"]) == 0
     row = oat_plugins.SweepResult.from_json(out / "metrics.json").rows[0]
     assert row.mac_fraction is not None and "MACs (% of backbone)" in capsys.readouterr().out
+
+
+def test_weights_only_export_files_refuse_a_model_with_exits(tmp_path):
+    with pytest.raises(ValueError, match="model.export\\(λ, exits=False\\)"):
+        oat_plugins.save_exported(build(), 0.0, tmp_path / "plain.pt")
