@@ -32,6 +32,7 @@ from timm.models.resnet import BasicBlock
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.ops import Permute
 
 logger = logging.getLogger(__name__)
 
@@ -248,21 +249,28 @@ def _head(shape: torch.Size, channels: int, classes: int, depth: float,
           backbone: nn.Module) -> nn.Module:
     if len(shape) == 3 and shape[-1] == channels:
         return nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, classes))
+    if len(shape) == 4 and shape[1] != channels and shape[-1] == channels:  # NHWC (Swin)
+        return nn.Sequential(Permute([0, 3, 1, 2]), *_conv_head(channels, classes, depth))
     if len(shape) != 4 or shape[1] != channels:
         raise ValueError(f"cannot put an exit on features of shape {tuple(shape)} from "
-                         f"{type(backbone).__name__}: exits take (N, C, H, W) or (N, L, C) "
-                         "token features")
+                         f"{type(backbone).__name__}: exits take (N, C, H, W), (N, H, W, C) "
+                         "or (N, L, C) token features")
+    return nn.Sequential(*_conv_head(channels, classes, depth))
+
+
+def _conv_head(channels: int, classes: int, depth: float) -> list[nn.Module]:
+    """The layers of an exit head on (N, C, H, W) features at relative ``depth``."""
     pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(channels, classes)]
     if depth <= 1 / 3:
-        return nn.Sequential(
+        return [
             nn.MaxPool2d(2, ceil_mode=True),
             nn.Conv2d(channels, channels, 5, padding=2, bias=False), nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True),
             nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-            *pool)
+            *pool]
     if depth <= 2 / 3:
-        return nn.Sequential(BasicBlock(channels, channels), *pool)
-    return nn.Sequential(*pool)
+        return [BasicBlock(channels, channels), *pool]
+    return pool
 
 
 def head_logits(head: nn.Module, h: torch.Tensor) -> torch.Tensor:

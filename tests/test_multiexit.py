@@ -21,6 +21,9 @@ from oat_plugins.surgery import foreign_modules
 
 CNN = ("resnet10t", {})
 VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 4})
+SWIN = ("swin_tiny_patch4_window7_224",  # channels-last (N, H, W, C) features
+        {"img_size": 32, "window_size": 2, "depths": (1, 1, 1, 1), "embed_dim": 24,
+         "num_heads": (1, 1, 1, 1)})
 X = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 HELD_OUT = TensorDataset(torch.rand(48, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
                          torch.zeros(48, dtype=torch.long))
@@ -49,8 +52,8 @@ class _TestSplit(Dataset):
 
 
 # -- exits on families ------------------------------------------------------------------------
-@pytest.mark.parametrize("family, points", [(CNN, [1, 2, 3]), (VIT, [0, 1, 2])],
-                         ids=["cnn", "vit"])
+@pytest.mark.parametrize("family, points", [(CNN, [1, 2, 3]), (VIT, [0, 1, 2]),
+                                            (SWIN, [0, 1, 2])], ids=["cnn", "vit", "swin"])
 def test_auto_exits_and_last_exit_is_the_backbone(family, points):
     torch.manual_seed(0)
     backbone = timm.create_model(family[0], num_classes=10, **family[1]).eval()
@@ -181,7 +184,7 @@ def _executed_macs(model: nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 2
 
 
-@pytest.mark.parametrize("family", [CNN, VIT], ids=["cnn", "vit"])
+@pytest.mark.parametrize("family", [CNN, VIT, SWIN], ids=["cnn", "vit", "swin"])
 def test_cost_counts_every_head_evaluated_and_rejected(family):
     model = build(family)
     cost = model.cost(X)
