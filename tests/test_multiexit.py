@@ -83,6 +83,12 @@ def test_bad_exit_points_are_refused(exits):
         oat_plugins.wrap("resnet10t", "multiexit", exits=exits, model_kwargs={"num_classes": 10})
 
 
+def test_a_backbone_without_feature_info_is_refused():
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    with pytest.raises(ValueError, match="feature_info lists at least two stages"):
+        oat_plugins.wrap(backbone, "multiexit", normalize=None)
+
+
 class _NotAChain(nn.Module):
     """Has feature_info, but its output mixes the stem into the last stage (not a chain)."""
 
@@ -218,8 +224,9 @@ def test_save_load_is_exact_with_thresholds_and_calibration(tmp_path):
     assert model.set_exit_budget(0.8)["calibration_size"] == [48, 3, 32, 32]
 
 
-def test_float_with_exits_conditions_the_heads_and_exports_equal_to_the_model():
-    model = build(method="float", exits="auto")
+@pytest.mark.parametrize("method", ["float", "floats", "film", "smart"])
+def test_a_method_with_exits_conditions_the_heads_and_exports_equal_to_the_model(method):
+    model = build(method=method, exits="auto")
     assert any(r.name.startswith("oat_exits.") for r in model.replacements)
     with torch.no_grad():
         for p in model.parameters():  # α and the robust norms away from their start
