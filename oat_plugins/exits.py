@@ -39,8 +39,10 @@ logger = logging.getLogger(__name__)
 EXITS_CHILD = "oat_exits"
 """Name of the child of the backbone that holds the exit heads (see the module docstring)."""
 
-_PROBE_SIZE = 64
-"""Side of the random probe image a CNN's split is verified on (a ViT uses its img_size)."""
+_PROBE_SIDES = (64, 32)
+"""Sides of the random probe image a split is verified on after the backbone's configured
+size (a ViT's img_size, timm's pretrained_cfg) fails (e.g. a model built with img_size=32 that
+keeps the default pretrained_cfg)."""
 _VERIFY_TOLERANCE = 1e-4
 
 Narrow = Callable[[torch.Tensor], contextlib.AbstractContextManager]
@@ -164,11 +166,8 @@ def split_backbone(backbone: nn.Module, points: Sequence[int]
     verified on a random probe to reproduce ``backbone(x)``, and the shape of the features at
     each exit. Raises ``ValueError`` when the backbone cannot be split this way."""
     stages = _feature_info(backbone)
-    probe = torch.rand(1, *_probe_shape(backbone), generator=torch.Generator().manual_seed(0))
-    param = next(backbone.parameters())
-    probe = probe.to(device=param.device, dtype=param.dtype)
     with _eval_mode(backbone):
-        expected = backbone.forward_features(probe)
+        probe, expected = _probe(backbone)
         chain = next((c for c in (_verified(backbone, chain, tail, probe, expected)
                                   for chain, tail in _candidate_chains(backbone, stages))
                       if c is not None), None)
@@ -223,12 +222,28 @@ def _cut(chain: list[str], after: list[str], backbone: nn.Module) -> list[list[s
         chain[cuts[-1]:] + ["@forward_head"]]
 
 
-def _probe_shape(backbone: nn.Module) -> tuple[int, int, int]:
+def _probe(backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random probe image the backbone accepts and its ``forward_features`` output: at the
+    configured input size, else at the sides of :data:`_PROBE_SIDES`."""
     from .checkpoint import in_chans_of  # checkpoint imports methods, which import this
 
+    param = next(backbone.parameters())
+    channels = in_chans_of(backbone) or 3
     img = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
-    height, width = (img if img is not None else (_PROBE_SIZE, _PROBE_SIZE))
-    return in_chans_of(backbone) or 3, int(height), int(width)
+    configured = (getattr(backbone, "pretrained_cfg", None) or {}).get("input_size")
+    sizes = [tuple(img)] if img is not None else []
+    sizes += [tuple(configured[1:])] if configured else []
+    sizes += [(side, side) for side in _PROBE_SIDES]
+    for size in dict.fromkeys(sizes):
+        probe = torch.rand(1, channels, *map(int, size),
+                           generator=torch.Generator().manual_seed(0))
+        probe = probe.to(device=param.device, dtype=param.dtype)
+        try:
+            return probe, backbone.forward_features(probe)
+        except (RuntimeError, AssertionError, ValueError):  # sized for another input
+            continue
+    raise ValueError(f"cannot run {type(backbone).__name__}.forward_features on a probe of any "
+                     f"of the sizes {list(dict.fromkeys(sizes))}")
 
 
 # -- heads --------------------------------------------------------------------------------------

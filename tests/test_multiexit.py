@@ -89,6 +89,26 @@ def test_a_backbone_without_feature_info_is_refused():
         oat_plugins.wrap(backbone, "multiexit", normalize=None)
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    ("nf_resnet26", {}),  # norm-free
+    ("efficientvit_m0", {"img_size": 32}),  # built for 32 with timm's 224 pretrained_cfg
+    ("convnext_atto", {"depths": (1, 1, 1, 1), "dims": (16, 24, 32, 48)}),  # LayerNorm2d
+])
+def test_exits_on_more_families_export_equal_to_the_model(name, kwargs):
+    model = build((name, kwargs))
+    n = len(model.exit_thresholds)
+    model.calibrate(HELD_OUT, shares=[1 / n] * n)
+    with torch.no_grad():
+        torch.testing.assert_close(model.export(0.0).eval()(X), model(X), rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_a_family_that_is_not_a_chain_is_refused():
+    with pytest.raises(ValueError, match="cannot split Xcit into stage segments"):
+        oat_plugins.wrap("xcit_nano_12_p16_224", "multiexit",
+                         model_kwargs={"num_classes": 10, "img_size": 32})
+
+
 class _NotAChain(nn.Module):
     """Has feature_info, but its output mixes the stem into the last stage (not a chain)."""
 
