@@ -15,6 +15,10 @@ PGD-20 evaluation on 1,000 test images. Runs are cached: a finished model in
     python bench/tradeoff.py                                  # CIFAR-10 JPEG from ../shared/data
     python bench/tradeoff.py --data bundled --epochs 1 --max-steps 5 --n-examples 64  # smoke
     python bench/tradeoff.py --methods film,float --out bench/out/film-float
+
+On CUDA (``--device``, default: CUDA when available) the data stays on the GPU as uint8 and
+is augmented a batch at a time there (``--resident-data``). ``bench/device/run.sh`` runs
+every model as its own process on one GPU, with epochs sized from timed steps (``--plan``).
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ def pack_models(models: list[Path], root: Path, dest: Path, parts: int,
         sizes[slot] += size
     packed = []
     for i, members in enumerate(b for b in bins if b):
-        with tarfile.open(dest / f"models-{i + 1}.tgz", "w:gz") as archive:
+        # level 1: float weights barely compress, and the packing must be quick
+        with tarfile.open(dest / f"models-{i + 1}.tgz", "w:gz", compresslevel=1) as archive:
             for model in members:
                 archive.add(model, arcname=str(model.relative_to(root)))
                 packed.append(str(model.relative_to(root)))

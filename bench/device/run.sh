@@ -14,6 +14,7 @@
 #      process each on the one GPU, epochs sized to the time left);
 #   B. bench/overhead.py --device cuda --quick --out ...    (only if it exists and has those flags)
 #   C. bench/multiexit.py --device cuda --out ...           (only if it exists and has those flags)
+#   (B and C also get --data <extracted CIFAR-10 folder> when they have a --data option.)
 #   then pack.
 # Environment (seconds unless said): TOTAL_S (470), STAGE_A_S (default: all the time the other
 # stages and packing do not reserve), OVERHEAD_S (60), MULTIEXIT_S (60), PACK_S (25);
@@ -49,11 +50,14 @@ left() { echo $(( TOTAL_S - $(elapsed) - PACK_S )); }
 # has SCRIPT FLAG...: the script exists and names every flag (its options are not run)
 has() { local f=$1; shift; [ -f "$f" ] || return 1; for flag; do grep -q -- "\"$flag\"" "$f" || return 1; done; }
 min() { [ "$1" -lt "$2" ] && echo "$1" || echo "$2"; }
+data_flag() { has "$1" --data && echo "--data $CIFAR_DIR"; }  # the extracted data, if it reads any
 
 PACKED=0
 STAGE_PID=
+GPU_MON=
 pack() {
   [ "$PACKED" = 1 ] && return; PACKED=1
+  [ -n "$GPU_MON" ] && kill "$GPU_MON" 2>/dev/null
   if [ -n "$STAGE_PID" ] && kill -0 "$STAGE_PID" 2>/dev/null; then  # a stage cut short
     kill -TERM "$STAGE_PID"; sleep 5; kill -KILL "$STAGE_PID" 2>/dev/null
   fi
@@ -107,6 +111,11 @@ if [ ! -d "$CIFAR_DIR/train" ]; then
     || say "extracting the data failed"
 fi
 say "data: $(ls "$CIFAR_DIR" 2>/dev/null | tr '\n' ' ')"
+if command -v nvidia-smi >/dev/null; then  # GPU load through the stages, every 2 s
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,utilization.memory,memory.used,power.draw \
+    --format=csv -l 2 > "$RES/gpu.csv" 2>&1 &
+  GPU_MON=$!
+fi
 
 # -- A. trade-off models -------------------------------------------------------------------
 RESERVE=0
@@ -122,14 +131,14 @@ stage A "$A_S" "$PY" bench/device/stage_a.py --data "$CIFAR_DIR" --out "$RES/sta
 if has bench/overhead.py --device --quick --out; then
   # shellcheck disable=SC2086
   stage overhead "$(min "$OVERHEAD_S" "$(left)")" "$PY" bench/overhead.py --device "$DEVICE" \
-    --quick --out "$RES/overhead" ${OVERHEAD_ARGS:-}
+    --quick --out "$RES/overhead" $(data_flag bench/overhead.py) ${OVERHEAD_ARGS:-}
 else
   say "overhead stage skipped: bench/overhead.py lacks --device/--quick/--out"
 fi
 if has bench/multiexit.py --device --out; then
   # shellcheck disable=SC2086
   stage multiexit "$(min "$MULTIEXIT_S" "$(left)")" "$PY" bench/multiexit.py --device "$DEVICE" \
-    --out "$RES/multiexit" ${MULTIEXIT_ARGS:-}
+    --out "$RES/multiexit" $(data_flag bench/multiexit.py) ${MULTIEXIT_ARGS:-}
 else
   say "multiexit stage skipped: bench/multiexit.py missing or lacks --device/--out"
 fi
