@@ -6,7 +6,7 @@
 #   bash bench/device/run.sh                       # on the GPU machine, from the repo root
 #   OAT_DEVICE_SMOKE=1 OUT=/tmp/out bash bench/device/run.sh   # tiny CPU run of every step
 #
-# Needs .whl/ (timm, torchattacks wheels; installed into /tmp/site) and
+# Needs .whl/ (timm, torchattacks wheels; installed into $SITE) and
 # .devdata/cifar10-jpeg.tar.gz (extracted into /tmp/cifar) in the repo root.
 # Stages, each under its own `timeout`, in this order:
 #   0. install the wheels, print the machine and versions, extract the data;
@@ -19,7 +19,8 @@
 # Environment (seconds unless said): TOTAL_S (470), STAGE_A_S (default: all the time the other
 # stages and packing do not reserve), OVERHEAD_S (60), MULTIEXIT_S (60), PACK_S (25);
 # STAGE_A_ARGS / OVERHEAD_ARGS / MULTIEXIT_ARGS (extra options), TRADEOFF_ARGS (options for
-# every bench/tradeoff.py run), DEVICE (cuda), PYTHON (python3), CIFAR_DIR (/tmp/cifar),
+# every bench/tradeoff.py run), DEVICE (cuda), PYTHON (python3), SITE (/tmp/site: where the
+# wheels go), CIFAR_DIR (/tmp/cifar),
 # RESULTS_DIR (/tmp/oat-device-results), OUT ($OUT, else bench/out/device).
 set -u
 T0=$(date +%s)
@@ -36,12 +37,13 @@ OVERHEAD_S=${OVERHEAD_S:-60}
 MULTIEXIT_S=${MULTIEXIT_S:-60}
 PACK_S=${PACK_S:-25}
 PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}
 CIFAR_DIR=${CIFAR_DIR:-/tmp/cifar}
 RES=${RESULTS_DIR:-/tmp/oat-device-results}
 OUT=${OUT:-$PWD/bench/out/device}
 mkdir -p "$OUT" "$RES"
 exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export MPLBACKEND=Agg MPLCONFIGDIR=/tmp/mplconfig
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -50,6 +52,7 @@ left() { echo $(( TOTAL_S - $(elapsed) - PACK_S )); }
 # has SCRIPT FLAG...: the script exists and names every flag (its options are not run)
 has() { local f=$1; shift; [ -f "$f" ] || return 1; for flag; do grep -q -- "\"$flag\"" "$f" || return 1; done; }
 min() { [ "$1" -lt "$2" ] && echo "$1" || echo "$2"; }
+alive() { [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status"; }  # not a zombie
 data_flag() { has "$1" --data && echo "--data $CIFAR_DIR"; }  # the extracted data, if it reads any
 
 PACKED=0
@@ -58,12 +61,17 @@ GPU_MON=
 pack() {
   [ "$PACKED" = 1 ] && return; PACKED=1
   [ -n "$GPU_MON" ] && kill "$GPU_MON" 2>/dev/null
-  if [ -n "$STAGE_PID" ] && kill -0 "$STAGE_PID" 2>/dev/null; then  # a stage cut short
-    kill -TERM "$STAGE_PID"; sleep 5; kill -KILL "$STAGE_PID" 2>/dev/null
+  if [ -n "$STAGE_PID" ] && kill -0 "$STAGE_PID" 2>/dev/null; then  # a stage cut short:
+    kill -TERM "$STAGE_PID"  # timeout passes it on; give the stage 20 s to stop its runs
+    for _ in $(seq 20); do alive "$STAGE_PID" || break; sleep 1; done
+    kill -KILL "$STAGE_PID" 2>/dev/null
   fi
   say "packing $RES into $OUT"
   for f in "$RES"/stage_a/pids.txt; do  # runs of stage A still alive (killed stage): ours only
-    [ -f "$f" ] && while read -r pid; do kill -9 "$pid" 2>/dev/null && say "killed run $pid"; done < "$f"
+    [ -f "$f" ] && while read -r pid; do  # only if that pid is still one of our runs
+      { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -q -- "$RES/stage_a/runs" \
+        && kill -9 "$pid" && say "killed run $pid"
+    done < "$f"
   done
   echo "stages: $(cat "$RES/stages.txt" 2>/dev/null | tr '\n' ';')"
   timeout -k 5 "$PACK_S" "$PY" bench/device/pack.py --results "$RES" --dest "$OUT" \
@@ -95,7 +103,8 @@ stage() {
 say "smoke=$SMOKE device=$DEVICE total=${TOTAL_S}s results=$RES out=$OUT"
 command -v nvidia-smi >/dev/null && nvidia-smi
 nproc --all; free -g 2>/dev/null | head -2
-timeout 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+timeout 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target "$SITE" .whl/*.whl \
   || say "wheel install failed"
 "$PY" - <<'EOF'
 import sys, torch, torchvision

@@ -204,9 +204,10 @@ def stop(procs: dict[str, subprocess.Popen], grace_s: float) -> None:
 
 
 def monitor(procs: dict[str, subprocess.Popen], runs: list[str], out: Path,
-            plan: dict[str, Any], deadline: float) -> dict[str, str]:
-    """Merge after every run that ends; stop the rest at the deadline."""
-    status = {run: "running" for run in runs}
+            plan: dict[str, Any], deadline: float, status: dict[str, str]) -> None:
+    """Merge after every run that ends (``status`` says how each ended); stop the rest at
+    the deadline."""
+    status.update({run: "running" for run in runs})
     while any(s == "running" for s in status.values()):
         for run, proc in procs.items():
             if status[run] == "running" and proc.poll() is not None:
@@ -219,7 +220,6 @@ def monitor(procs: dict[str, subprocess.Popen], runs: list[str], out: Path,
             status.update({r: "stopped at the deadline" for r in late})
             break
         time.sleep(1.0)
-    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,9 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(json.dumps(plan, indent=2), out / "plan.json")
         say(f"plan: {plan['epochs']} epoch(s) of {plan.get('train_attack')}-"
             f"{plan.get('train_steps')}; {json.dumps(plan)}")
-        status = monitor(procs, runs, out, plan, deadline)
+        monitor(procs, runs, out, plan, deadline, status)
     finally:
         stop(procs, 5.0)
+        status.update({r: f"stopped with the stage ({s})" for r, s in status.items()
+                       if s in ("running", "not started")})
         merged = merge(runs, out, status, plan)
         say(f"merged {merged} of {len(runs)} runs into {out}: {status}")
     return 0 if all(s == "finished" for s in status.values()) else 1
