@@ -34,6 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import Permute
 
+from .losses import LossContext, Stats
+
 logger = logging.getLogger(__name__)
 
 EXITS_CHILD = "oat_exits"
@@ -386,6 +388,13 @@ class ExitRouter(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.calibration = state.get("calibration")
 
+    def macs_at(self, input_size: tuple[int, ...], measure: Callable[[], MacTable]
+                ) -> MacTable:
+        """The MAC table at ``input_size``, measured once (by ``measure``) per size."""
+        if input_size not in self._macs:
+            self._macs[input_size] = measure()
+        return self._macs[input_size]
+
     def set_thresholds(self, values: Sequence[float] | torch.Tensor) -> None:
         """Set the early exits' thresholds (the last stays +inf)."""
         values = torch.as_tensor(values, dtype=torch.float32).flatten()
@@ -650,8 +659,8 @@ def export_exits(router: ExitRouter, folded: nn.Module, keep: bool) -> nn.Module
 
 
 # -- training -----------------------------------------------------------------------------------
-def exit_sum_loss(loss_of: Callable[[Any], tuple[torch.Tensor, dict[str, float]]], ctx: Any,
-                  weights: Sequence[float]) -> tuple[torch.Tensor, dict[str, float]]:
+def exit_sum_loss(loss_of: Callable[[LossContext], tuple[torch.Tensor, Stats]],
+                  ctx: LossContext, weights: Sequence[float]) -> tuple[torch.Tensor, Stats]:
     """Σ_i w_i · (the method's loss with exit i's logits as the model's output): one training
     forward returns every exit's logits, and the method's loss hook (e.g. OAT's, FLOAT's, or
     RDI-Nets' 0.5·CE clean + 0.5·CE adversarial for ``multiexit``) sees each exit in turn.
@@ -776,13 +785,15 @@ class MultiExitAPI:
         """MACs per sample of each segment and head for images of ``input_size`` (C, H, W)."""
         router = self._router()
         key = tuple(int(s) for s in input_size)
-        if key not in router._macs:
+
+        def measure() -> MacTable:
             param = next(self.parameters())
             x = torch.rand(1, *key, device=param.device, dtype=param.dtype)
             with self.at(self.lam if self.condition.is_scalar else 0.0):
-                router._macs[key] = measure_macs(self.backbone, self.exit_heads,
-                                                 router.segments, self.normalize(x))
-        return router._macs[key]
+                return measure_macs(self.backbone, self.exit_heads, router.segments,
+                                    self.normalize(x))
+
+        return router.macs_at(key, measure)
 
     @torch.no_grad()
     def cost(self, x: torch.Tensor) -> dict[str, Any]:
