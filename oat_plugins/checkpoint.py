@@ -340,6 +340,7 @@ def to_checkpoint(model: ConditionalModel) -> dict[str, Any]:
         "options": model.method.options_dict(),
         "check_inputs": model.check_inputs,
         "lam": lam if isinstance(lam, float) else lam.cpu(),
+        "exits": None if model.exits is None else model.exits.spec.to_dict(),
         "state_dict": model.state_dict(),
     }
 
@@ -375,6 +376,7 @@ def from_checkpoint(
         normalize=None if norm is None else (norm["mean"], norm["std"]),
         backbone_spec=without_resets(spec),
         check_inputs=payload.get("check_inputs", True),
+        exits=payload.get("exits"),
     )
     replay_resets(model, spec)  # on the wrapped model, like the original: the new head is plain
     load_weights(model, payload["state_dict"], source=source,

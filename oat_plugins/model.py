@@ -35,7 +35,9 @@ from .checkpoint import (  # noqa: F401 (the file API, re-exported from its old 
 )
 from .checkpoint import in_chans_of as _in_chans
 from .condition import Condition, Lambda, lambda_groups
+from .exits import MultiExitAPI, MultiExitNet, attach_exits, exit_sum_loss, export_exits
 from .layers.base import ConditionedModule, FoldableParametrization, FoldCache
+from .losses import LossContext, Stats
 from .methods import Method, get_method
 from .stats import count_nonzero
 from .surgery import foreign_modules, summarize
@@ -51,14 +53,16 @@ added by an attack; normalised images have a mean near 0 (ImageNet-normalised un
 0.23), 0-255 images far above 1."""
 
 
-class ConditionalModel(nn.Module):
+class ConditionalModel(MultiExitAPI, nn.Module):
     """A backbone conditioned on λ ∈ [0, 1] (0: clean accuracy, 1: robustness).
 
     ``forward(x)`` takes one batch of images in [0, 1] of shape (N, C, H, W) and normalises
     internally, so attacks (torchattacks), RobustBench and timm code use it as an ordinary
     classifier. λ is set with :meth:`set_lambda`, or for a while with :meth:`at`. Build one
     with :func:`oat_plugins.wrap`. What the model does at each step is the method's (see
-    :class:`~oat_plugins.Method`).
+    :class:`~oat_plugins.Method`). With exits (``wrap(..., exits=...)``), ``forward`` is
+    input-adaptive inference with early stopping, and the training loss is the method's,
+    summed over the exits (:mod:`oat_plugins.exits`).
     """
 
     def __init__(
@@ -69,6 +73,8 @@ class ConditionalModel(nn.Module):
         normalize: tuple[Sequence[float], Sequence[float]] | None,
         backbone_spec: dict[str, Any] | None = None,
         check_inputs: bool = True,
+        exits: object = None,
+        exit_weights: object = None,
     ) -> None:
         super().__init__()
         if any(isinstance(m, (ConditionedModule, FoldableParametrization))
@@ -77,6 +83,11 @@ class ConditionalModel(nn.Module):
         self.method = method
         self.condition = Condition()
         self.extras = nn.ModuleDict()
+        exits = method.default_exits if exits is None else exits
+        if exits is not None and type(method).forward is not Method.forward:
+            raise ValueError(f"method {method.name!r} has its own forward; it cannot have exits")
+        # Before the surgery, so the method conditions the exit heads like the backbone.
+        self.exits = attach_exits(backbone, exits, exit_weights)
         self.replacements = method.apply(backbone, self.condition, self.extras)
         self.backbone = backbone
         self.normalize_stats = (
@@ -173,12 +184,23 @@ class ConditionalModel(nn.Module):
         return _cat_groups(outputs, inverse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exits is not None:
+            return self._run(self.adaptive_forward, self.prepare_inputs(x))
         return self._run(lambda t: self.method.forward(self, t), self.prepare_inputs(x))
 
     def training_outputs(self, x: torch.Tensor) -> Any:
         """What the method's training loss needs for images ``x`` at the current λ (logits
-        for most methods; see ``Method.training_forward``)."""
+        for most methods, see ``Method.training_forward``; every exit's logits with exits)."""
+        if self.exits is not None:
+            return self.exit_logits(x)
         return self._run(lambda t: self.method.training_forward(self, t), self.prepare_inputs(x))
+
+    def training_loss(self, ctx: LossContext) -> tuple[torch.Tensor, Stats]:
+        """The method's training loss of one batch; with exits, summed over the exits with
+        their weights (see :func:`oat_plugins.exits.exit_sum_loss`)."""
+        if self.exits is None:
+            return self.method.training_loss(ctx)
+        return exit_sum_loss(self.method.training_loss, ctx, self.exits.spec.weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """timm's ``forward_features`` on [0, 1] images, at the current λ."""
@@ -205,13 +227,15 @@ class ConditionalModel(nn.Module):
         note_reset_classifier(self.backbone_spec, num_classes, *args, **kwargs)
 
     # -- export and reporting --------------------------------------------------------------
-    def export(self, lam: float | None = None) -> nn.Module:
+    def export(self, lam: float | None = None, *, exits: bool = True) -> nn.Module:
         """A standalone plain model computing this model's function at a fixed scalar λ.
 
         The method folds its conditioning (by default: dual norm → the chosen norm with FiLM
         folded in, weight parametrizations → plain weights), so the backbone keeps its own
         class; when the model normalises, the result is ``nn.Sequential(normalize,
-        backbone)``. No oat_plugins module remains.
+        backbone)``. No oat_plugins module remains, except, for a model with exits, the
+        :class:`~oat_plugins.exits.MultiExitNet` container (plain backbone, plain heads, the
+        current thresholds); ``exits=False`` gives the plain backbone alone.
         """
         lam = self.condition.lam if lam is None else lam
         if not isinstance(lam, (int, float)) or isinstance(lam, bool):
@@ -222,7 +246,10 @@ class ConditionalModel(nn.Module):
                 "(resample); its function at a fixed λ is random and cannot be exported"
             )
         backbone = self.method.export(self, float(lam))
-        left = foreign_modules(backbone)
+        if self.exits is not None:
+            backbone = export_exits(self.exits, backbone, keep=exits)
+        left = [name for name in foreign_modules(backbone)
+                if not (name == "<root>" and isinstance(backbone, MultiExitNet))]
         if left:
             raise RuntimeError(f"export left conditioned modules behind: {left[:5]}")
         if self.normalize_stats is None:
@@ -341,6 +368,8 @@ def wrap(
     normalize: str | tuple[Sequence[float], Sequence[float]] | None = "auto",
     model_kwargs: dict[str, Any] | None = None,
     check_inputs: bool = True,
+    exits: str | list[int] | None = None,
+    exit_weights: list[float] | None = None,
     **options: Any,
 ) -> ConditionalModel:
     """Turn a backbone into a :class:`ConditionalModel` by module surgery (in place).
@@ -360,6 +389,11 @@ def wrap(
             the image box, or with noise); values far outside it (below -1 or above 2) whose
             mean is not that of images in [0, 1] are a ``ValueError``: already-normalised or
             0-255 images.
+        exits: early exits (RDI-Nets; see :mod:`oat_plugins.exits`): ``'auto'`` (after every
+            stage but the last), a list of ``feature_info`` indices, or None (none; method
+            ``'multiexit'`` has ``'auto'`` by default). Built before the method's surgery, so
+            the method conditions the exit heads like the backbone.
+        exit_weights: loss weight of each exit, the backbone's head last (default all 1).
         **options: the method's options; unknown ones raise a ``ValueError`` listing them.
     """
     if isinstance(backbone, str):
@@ -373,4 +407,6 @@ def wrap(
         normalize=_resolve_normalize(backbone, normalize),
         backbone_spec=timm_spec(backbone, model_kwargs),  # before surgery
         check_inputs=check_inputs,
+        exits=exits,
+        exit_weights=exit_weights,
     )

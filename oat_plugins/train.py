@@ -491,7 +491,7 @@ def oat_loss(
             raise RuntimeError("the attack changed the model's train/eval mode")
     ctx = LossContext(model, x, y, lam, x_adv,
                       LossForward(model) if forward is None else forward, autocast)
-    return model.method.training_loss(ctx)
+    return model.training_loss(ctx)
 
 
 # -- data --------------------------------------------------------------------------------------

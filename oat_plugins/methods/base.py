@@ -54,6 +54,9 @@ class Method:
     identity_at_zero: ClassVar[bool] = False
     """Freshly wrapped, the model computes the backbone's function at λ = 0 (checked by the
     contract tests)."""
+    default_exits: ClassVar[str | None] = None
+    """The ``exits`` a model of this method gets when ``wrap`` is given none (see
+    :mod:`oat_plugins.exits`): None for conditioning methods, ``'auto'`` for ``multiexit``."""
 
     def __init__(self, **options: Any) -> None:
         fields = {f.name: f for f in dataclasses.fields(self.Options)}
