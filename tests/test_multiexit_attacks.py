@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 import torchattacks
 from torch import nn
+from torch.utils.data import Subset
 
+import oat_plugins
 from oat_plugins.attacks import (
     MULTIEXIT_ATTACKS,
     AverageExitPGD,
@@ -22,6 +24,8 @@ from oat_plugins.attacks import (
     build_attack,
 )
 from oat_plugins.attacks.multiexit import exit_cross_entropy, exit_entropy
+from oat_plugins.data import load_dataset
+from oat_plugins.train import TrainConfig, fit, make_attack
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _helpers import bundled_images  # noqa: E402
@@ -257,9 +261,10 @@ def test_normalization_is_applied_to_the_exits_like_torchattacks(model, images):
 def test_a_model_without_exits_is_a_clear_error():
     plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     for name in MULTIEXIT_ATTACKS:
-        with pytest.raises(TypeError, match=r"attacks a multi-exit model \(e\.g\. wrap\(backbone"
-                                            r", method='multiexit'\)\), but Sequential has no "
-                                            r"exit_logits\(\)( or route\(\))?$"):
+        with pytest.raises(TypeError, match=r"attacks a multi-exit model \(wrap\(backbone, "
+                                            r"method='multiexit'\), exits='auto', or any module "
+                                            r"with exit_logits\(\).*\), but this Sequential "
+                                            r"has no exits$"):
             build_attack(name, plain, steps=1)
 
     class NoRouter(nn.Module):
@@ -270,7 +275,8 @@ def test_a_model_without_exits_is_a_clear_error():
         def exit_logits(self, t):
             return [self.linear(t)]
 
-    with pytest.raises(TypeError, match=r"RoutingPGD .* but NoRouter has no route\(\)"):
+    with pytest.raises(TypeError, match=r"RoutingPGD .* with exit_logits\(\) and route\(\)\), "
+                                        "but this NoRouter has no exits"):
         RoutingPGD(NoRouter())
     AverageExitPGD(NoRouter())  # a router is only needed to attack it
     with pytest.raises(TypeError, match="exit must be an exit index"):
@@ -288,3 +294,36 @@ def test_cross_entropy_and_entropy_helpers(model, images):
     assert torch.allclose(ce[1], F.cross_entropy(logits[1], y, reduction="none"))
     uniform = exit_entropy([torch.zeros(2, 10)])
     assert torch.allclose(uniform, torch.full((1, 2), float(torch.log(torch.tensor(10.0)))))
+
+
+# -- on the package's own multi-exit model -------------------------------------------------------
+TINY = {"num_classes": 10, "channels": (8, 16, 16, 16), "stem_width": 8}
+
+
+def test_attacks_run_on_a_wrapped_multiexit_model_and_need_its_exits(images):
+    x, y = images
+    torch.manual_seed(0)
+    model = oat_plugins.wrap("resnet10t", "multiexit", model_kwargs=TINY).eval()
+    n_exits = len(model.exit_logits(x[:1]))
+    assert n_exits >= 2
+    for name in MULTIEXIT_ATTACKS:
+        adv = build_attack(name, model, steps=2)(x, y)
+        size = (adv - x).abs().amax()
+        assert 0 < float(size) <= EPS * (1 + 1e-5) and float(adv.min()) >= 0, name
+    plain = oat_plugins.wrap("resnet10t", "film", model_kwargs=TINY)  # exit_logits, no exits
+    with pytest.raises(TypeError, match="but this ConditionalModel has no exits"):
+        build_attack("routing-pgd", plain)
+
+
+def test_training_uses_a_multiexit_attack_by_name(tmp_path):
+    torch.manual_seed(0)
+    model = oat_plugins.wrap("resnet10t", "multiexit", model_kwargs=TINY)
+    data = Subset(load_dataset("bundled", "train"), range(16))
+    config = TrainConfig(epochs=1, batch_size=8, steps=1, max_steps=1,
+                         attack="max-average-exit-pgd", eval_adversarial=False, log_every=0,
+                         progress=False)
+    assert isinstance(make_attack(model, config), MaxAverageExitPGD)
+    before = [p.detach().clone() for p in model.parameters()]
+    result = fit(model, data, config, tmp_path)
+    assert result["global_step"] == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -63,11 +63,14 @@ def exit_entropy(exit_logits: Sequence[torch.Tensor]) -> torch.Tensor:
 def _check_multiexit(model: nn.Module, attack: str, needs_route: bool) -> None:
     """A one-line TypeError when ``model`` has no exits (or no router) to attack."""
     needed = ("exit_logits", "route") if needs_route else ("exit_logits",)
-    missing = [name for name in needed if not callable(getattr(model, name, None))]
-    if missing:
-        raise TypeError(f"{attack} attacks a multi-exit model (e.g. wrap(backbone, "
-                        f"method='multiexit')), but {type(model).__name__} has no "
-                        f"{' or '.join(f'{name}()' for name in missing)}")
+    # A ConditionalModel has the methods either way; its ``exits`` is None without exits.
+    if all(callable(getattr(model, name, None)) for name in needed) and \
+            getattr(model, "exits", True) is not None:
+        return
+    wanted = " and ".join(f"{name}()" for name in needed)
+    raise TypeError(f"{attack} attacks a multi-exit model (wrap(backbone, method='multiexit'), "
+                    f"exits='auto', or any module with {wanted}), but this "
+                    f"{type(model).__name__} has no exits")
 
 
 class ExitPGD(Attack):
