@@ -24,15 +24,18 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import sys
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -48,6 +51,7 @@ from oat_plugins._io import atomic_torch_save, atomic_write_text  # noqa: E402
 from oat_plugins.data import (  # noqa: E402
     CIFAR10_MEAN,
     CIFAR10_STD,
+    DeviceImageDataset,
     TensorImageDataset,
     load_dataset,
     train_transform,
@@ -94,27 +98,57 @@ def _decode_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, l
         payload = torch.load(cache, weights_only=True)
         return payload["images"], payload["labels"], list(payload["classes"])
     from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
 
-    folder = ImageFolder(os.fspath(root / split), transform=v2.PILToTensor())
-    logger.info("decoding %d %s images of %s (once)", len(folder), split, root)
-    images = torch.stack([folder[i][0] for i in range(len(folder))])
+    folder = ImageFolder(os.fspath(root / split))  # lists the files; decoded below
+    workers = min(16, os.cpu_count() or 1)
+    logger.info("decoding %d %s images of %s (once, %d processes)", len(folder), split, root,
+                workers)
+    chunks = np.array_split(np.array([path for path, _ in folder.samples]), workers)
+    if workers > 1:  # fork: nothing here has touched CUDA, and the children only decode
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            parts = list(pool.map(_decode_files, chunks))
+    else:
+        parts = [_decode_files(chunk) for chunk in chunks]
+    images = torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(folder.targets, dtype=torch.int64)
     atomic_torch_save({"images": images, "labels": labels, "classes": folder.classes}, cache)
     return images, labels, folder.classes
 
 
-def load_data(spec: str, n_train: int | None = None,
-              seed: int = 0) -> tuple[Dataset, Dataset, str]:
+def _decode_files(paths: np.ndarray) -> np.ndarray:
+    """JPEG/PNG files as one uint8 (N, H, W, 3) array (RGB, as ImageFolder's loader)."""
+    from PIL import Image
+
+    def decode(path: str) -> np.ndarray:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+
+    return np.stack([decode(str(path)) for path in paths])
+
+
+def load_data(spec: str, n_train: int | None = None, seed: int = 0,
+              device: torch.device | None = None) -> tuple[Dataset, Dataset, str]:
     """(train with augmentation, test, description) for ``bundled``, a CIFAR-10 JPEG
     tarball, or an extracted ImageFolder directory with train/ and test/; with ``n_train``,
-    a seeded random subset of that many training images (the same for every model)."""
+    a seeded random subset of that many training images (the same for every model). With
+    ``device``, both sets are held there as uint8 and augmented a batch at a time
+    (:class:`~oat_plugins.data.DeviceImageDataset`); else per sample on the CPU."""
     train, test, described = _load_splits(spec)
-    if n_train is None or n_train >= len(train):
-        return train, test, described
-    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_train]
-    return (Subset(train, keep.tolist()), test,
-            f"{described}, of which a seeded subset of {n_train:,} train images")
+    keep = None
+    if n_train is not None and n_train < len(train):
+        generator = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(len(train), generator=generator)[:n_train]
+        described = f"{described}, of which a seeded subset of {n_train:,} train images"
+    if device is not None:
+        images, labels = train.images, train.labels
+        if keep is not None:
+            images, labels = images[keep], labels[keep]
+        return (DeviceImageDataset(images, labels, device=device, augment=True,
+                                   classes=train.classes),
+                DeviceImageDataset(test.images, test.labels, device=device,
+                                   classes=test.classes), described)
+    return train if keep is None else Subset(train, keep.tolist()), test, described
 
 
 def _load_splits(spec: str) -> tuple[Dataset, Dataset, str]:
@@ -138,8 +172,9 @@ def train_plain(model: nn.Module, train_data: Dataset, config: TrainConfig,
                 adversarial: bool) -> dict[str, Any]:
     """The plain backbone with fit's recipe: SGD (lr, momentum, weight decay), per-step
     schedule, same batches, same attack (built by ``oat_plugins.train.make_attack``).
-    Standard training minimises CE(x); PGD-AT minimises CE(x_adv) (attack in eval mode)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    Standard training minimises CE(x); PGD-AT minimises CE(x_adv) (attack in eval mode).
+    Runs on ``config.device`` (set by :func:`_config`)."""
+    device = torch.device(config.device)
     model.to(device)
     steps_per_epoch = len(train_data) // config.batch_size
     total = config.epochs * steps_per_epoch
@@ -195,6 +230,13 @@ def _plain_payload(model: nn.Sequential, spec: dict[str, Any], name: str) -> dic
 
 
 # -- the benchmark ---------------------------------------------------------------------------
+def _device(args: argparse.Namespace) -> torch.device:
+    """``--device``, by default CUDA when available, else the CPU."""
+    if args.device is not None:
+        return torch.device(args.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _config(args: argparse.Namespace) -> TrainConfig:
     lambdas = args.train_lambdas
     if lambdas is None and args.clean_fraction is not None:
@@ -203,7 +245,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                        attack=args.train_attack, steps=args.train_steps, seed=args.seed,
                        max_steps=args.max_steps, eval_adversarial=False,
                        lambdas=None if lambdas is None else tuple(lambdas),
-                       clean_fraction=args.clean_fraction,
+                       clean_fraction=args.clean_fraction, device=str(_device(args)),
                        eval_max_samples=500, progress=not args.no_progress)
 
 
@@ -218,7 +260,7 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _fingerprint(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     """What a cached model was trained with; a mismatch means it cannot be reused."""
     config = dataclasses.asdict(_config(args))
-    for key in ("progress", "eval_max_samples", "eval_adversarial"):
+    for key in ("progress", "eval_max_samples", "eval_adversarial", "device"):
         config.pop(key, None)
     return json.loads(json.dumps({"kind": kind, "model": args.model,
                                   "model_kwargs": _model_kwargs(args), "data": args.data,
@@ -259,10 +301,27 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+def _conditional_model(spec: str, args: argparse.Namespace) -> oat_plugins.ConditionalModel:
+    """The seeded, untrained model of ``spec`` (``name[:key=value...]``)."""
+    method, options = parse_method(spec)
+    kwargs = _model_kwargs(args)
+    torch.manual_seed(args.seed)
+    return oat_plugins.wrap(timm.create_model(args.model, **kwargs), method,
+                            normalize=(CIFAR10_MEAN, CIFAR10_STD), model_kwargs=kwargs,
+                            **options)
+
+
+def _plain_model(args: argparse.Namespace) -> nn.Sequential:
+    """The seeded, untrained plain backbone behind its input normalisation."""
+    kwargs = _model_kwargs(args)
+    torch.manual_seed(args.seed)
+    return nn.Sequential(Normalize(CIFAR10_MEAN, CIFAR10_STD),
+                         timm.create_model(args.model, **kwargs))
+
+
 def run_method(spec: str, args, train, test, out: Path) -> tuple[SweepResult, float]:
     """Train the method of ``spec`` (``name[:key=value...]``) once (or reuse its model.pt)
     and sweep λ."""
-    method, options = parse_method(spec)
     run_dir = out / spec.replace(":", "-").replace("=", "")
     seconds = _cached(run_dir, args, spec)
     fresh = seconds is None
@@ -271,11 +330,7 @@ def run_method(spec: str, args, train, test, out: Path) -> tuple[SweepResult, fl
     else:
         if args.retrain and run_dir.exists():
             shutil.rmtree(run_dir)
-        kwargs = _model_kwargs(args)
-        torch.manual_seed(args.seed)
-        model = oat_plugins.wrap(timm.create_model(args.model, **kwargs), method,
-                                 normalize=(CIFAR10_MEAN, CIFAR10_STD), model_kwargs=kwargs,
-                                 **options)
+        model = _conditional_model(spec, args)
         start = time.perf_counter()
         fit(model, train, _config(args), run_dir, resume=True, eval_data=test)
         seconds = time.perf_counter() - start
@@ -290,6 +345,8 @@ def _sweep(model: nn.Module, run_dir: Path, args: argparse.Namespace, test: Data
     settings for the same trained model): a combined table re-evaluates nothing."""
     key = {"lambdas": lambdas, "attack": args.attack, "steps": args.steps,
            "n_examples": args.n_examples, "seed": args.seed}
+    if args.eval_batch_size != 128:  # the batches seed the random starts; 128 as before
+        key["batch_size"] = args.eval_batch_size
     path, key_path = run_dir / "sweep.json", run_dir / "sweep_key.json"
     if (not retrained and path.is_file() and key_path.is_file()
             and json.loads(key_path.read_text()) == key):
@@ -297,6 +354,7 @@ def _sweep(model: nn.Module, run_dir: Path, args: argparse.Namespace, test: Data
         return SweepResult.from_json(path)
     result = evaluate(model, test, lambdas, attack=args.attack, steps=args.steps,
                       n_examples=args.n_examples, subset_seed=0, seed=args.seed,
+                      batch_size=args.eval_batch_size, device=_device(args),
                       progress=not args.no_progress)
     result.to_json(path)
     atomic_write_text(json.dumps(key), key_path)
@@ -312,17 +370,77 @@ def run_baseline(name: str, args, train, test, out: Path) -> tuple[SweepResult, 
     if seconds is not None:
         model = from_exported(torch.load(path, weights_only=True), source=repr(str(path)))
     else:
-        kwargs = _model_kwargs(args)
-        torch.manual_seed(args.seed)
-        backbone = timm.create_model(args.model, **kwargs)
-        model = nn.Sequential(Normalize(CIFAR10_MEAN, CIFAR10_STD), backbone)
+        model = _plain_model(args)
         start = time.perf_counter()
         train_plain(model, train, _config(args), adversarial=name == "pgd-at")
         seconds = time.perf_counter() - start
-        atomic_torch_save(_plain_payload(model, {"name": args.model, "kwargs": kwargs}, name),
-                          path)
+        spec = {"name": args.model, "kwargs": _model_kwargs(args)}
+        atomic_torch_save(_plain_payload(model, spec, name), path)
         _record(run_dir, args, name, seconds)
     return _sweep(model, run_dir, args, test, None, retrained=fresh), seconds
+
+
+# -- a budget sized from timed steps (bench/device/stage_a.py) ---------------------------------
+CALIBRATION_WARMUP = 3  # steps before the timed ones (first-call set-up, allocator, kernels)
+PLAN_KEYS = ("epochs", "train_attack", "train_steps")
+
+
+def _calibration_config(args: argparse.Namespace, train: Dataset, steps: int) -> TrainConfig:
+    """The run's config, stopping after ``steps`` steps (enough epochs to reach them)."""
+    per_epoch = max(len(train) // args.batch_size, 1)
+    return dataclasses.replace(_config(args), max_steps=steps, progress=False, log_every=0,
+                               epochs=max(args.epochs, -(-steps // per_epoch)))
+
+
+def _time_method(spec: str, args: argparse.Namespace, train: Dataset) -> float:
+    model = _conditional_model(spec, args)
+    steps = CALIBRATION_WARMUP + args.calibrate_steps
+    with tempfile.TemporaryDirectory() as tmp:
+        fit(model, train, _calibration_config(args, train, CALIBRATION_WARMUP), tmp)
+        start = time.perf_counter()
+        fit(model, train, _calibration_config(args, train, steps), tmp, resume=True)
+        return (time.perf_counter() - start) / args.calibrate_steps
+
+
+def _time_baseline(name: str, args: argparse.Namespace, train: Dataset) -> float:
+    model, adversarial = _plain_model(args), name == "pgd-at"
+    train_plain(model, train, _calibration_config(args, train, CALIBRATION_WARMUP), adversarial)
+    start = time.perf_counter()
+    train_plain(model, train, _calibration_config(args, train, args.calibrate_steps),
+                adversarial)
+    return (time.perf_counter() - start) / args.calibrate_steps
+
+
+def calibrate(methods: list[str], baselines: list[str], args: argparse.Namespace,
+              train: Dataset, out: Path) -> dict[str, Any]:
+    """Seconds per optimizer step of each run of this process, timed over
+    ``--calibrate-steps`` steps (after warm-up steps) on a throwaway model while the other
+    processes of a parallel bench do the same; written to ``out/calibration.json``, from
+    which ``bench/device/stage_a.py`` sizes the epochs of every run."""
+    seconds = {m: _time_method(m, args, train) for m in methods}
+    seconds.update({b: _time_baseline(b, args, train) for b in baselines})
+    payload = {"seconds_per_step": seconds, "steps_per_epoch": len(train) // args.batch_size,
+               "train_attack": args.train_attack, "train_steps": args.train_steps}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(payload, indent=2), out / "calibration.json")
+    logger.info("calibration: %s", payload)
+    return payload
+
+
+def follow_plan(path: Path, wait_s: float, args: argparse.Namespace) -> dict[str, Any]:
+    """Wait up to ``wait_s`` seconds for the JSON plan at ``path`` and apply its
+    ``PLAN_KEYS`` (epochs, training attack and its steps) to ``args``."""
+    deadline = time.monotonic() + wait_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no plan at {path} after {wait_s:.0f} s")
+        time.sleep(0.5)
+    plan = json.loads(path.read_text())
+    for key in PLAN_KEYS:
+        if key in plan:
+            setattr(args, key, plan[key])
+    logger.info("plan: %s", plan)
+    return plan
 
 
 def markdown_table(results: dict[str, tuple[SweepResult, float]]) -> str:
@@ -376,7 +494,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="evaluation attack iterations")
     p.add_argument("--n-examples", type=int, default=1000,
                    help="test images (a seeded random subset, the same for every model)")
+    p.add_argument("--eval-batch-size", type=int, default=128,
+                   help="evaluation batch (its index seeds the attack's random start)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:<index> (default: cuda when available)")
+    p.add_argument("--resident-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="hold the data on --device as uint8 and augment it a batch at a time "
+                   "there (default: on for CUDA)")
+    p.add_argument("--plan", default=None, metavar="JSON",
+                   help="first time --calibrate-steps steps of each run into "
+                   "--out/calibration.json, then wait for this file and take epochs, "
+                   "train attack and train steps from it (bench/device/stage_a.py)")
+    p.add_argument("--calibrate-steps", type=int, default=20)
+    p.add_argument("--plan-wait", type=float, default=120.0,
+                   help="seconds to wait for --plan")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "tradeoff"))
     p.add_argument("--retrain", action="store_true", help="ignore cached models")
     p.add_argument("--no-progress", action="store_true")
@@ -399,7 +531,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown baselines {unknown}; choose among {BASELINES}")
     out = Path(args.out)
     started = time.perf_counter()
-    train, test, described = load_data(args.data, args.n_train, args.seed)
+    device = _device(args)
+    resident = device.type == "cuda" if args.resident_data is None else args.resident_data
+    train, test, described = load_data(args.data, args.n_train, args.seed,
+                                       device if resident else None)
+    if args.plan is not None:
+        calibrate(methods, baselines, args, train, out)
+        if follow_plan(Path(args.plan), args.plan_wait, args).get("epochs", 1) < 1:
+            logger.warning("the plan leaves no time to train: stopping")
+            return 3
     results: dict[str, tuple[SweepResult, float]] = {}
     for m in methods:
         results[m] = run_method(m, args, train, test, out)
@@ -417,8 +557,9 @@ def main(argv: list[str] | None = None) -> int:
                   if cfg.lambdas else ", each method's default λ sampler")
                + (f", max {cfg.max_steps} steps" if cfg.max_steps else "")
                + f"; evaluation {attack} on {args.n_examples} test images (seeded subset); "
-               f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-               f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
+               f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}"
+               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+               + (", data held there, augmented per batch" if resident else ""))
     curves = {name: r for name, (r, _) in results.items() if name in methods}
     refs = {name: (r.rows[0].clean_acc, r.rows[0].robust_acc)
             for name, (r, _) in results.items() if name not in methods}

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torchattacks
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from ._io import atomic_torch_save, atomic_write_text
 from .attacks import (  # noqa: F401  (ATTACKS: public name)
@@ -521,6 +521,16 @@ def _epoch_loader(dataset: Dataset, config: TrainConfig, d: _Dist, epoch: int,
                       generator=generator)
 
 
+def _pin_memory(dataset: Dataset, device: torch.device) -> bool:
+    """Pin batches in host memory for a CUDA run, unless the dataset (or the one under its
+    Subsets) declares a non-CPU ``device`` whose tensors it yields, e.g.
+    :class:`~oat_plugins.data.DeviceImageDataset` on the GPU: pinning those is an error."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    home = torch.device(getattr(dataset, "device", None) or "cpu")
+    return device.type == "cuda" and home.type == "cpu"
+
+
 # -- metrics -----------------------------------------------------------------------------------
 def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text("".join(json.dumps(r) + "\n" for r in history), out / METRICS_JSONL)
@@ -879,7 +889,7 @@ class _Run:
         mid-epoch, a signal) ends it early, after a checkpoint."""
         loader = _epoch_loader(self.train_data, self.config, self.d, self.epoch,
                                self.step_in_epoch, self.local_batch,
-                               pin=self.device.type == "cuda")
+                               pin=_pin_memory(self.train_data, self.device))
         self.model.train()
         started = time.perf_counter() - self.epoch_seconds
         bar = _progress(self.steps_per_epoch, self.step_in_epoch,

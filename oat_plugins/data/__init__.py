@@ -32,6 +32,7 @@ __all__ = [
     "CIFAR100_MEAN",
     "CIFAR100_STD",
     "DATASETS",
+    "DeviceImageDataset",
     "SVHN_MEAN",
     "SVHN_STD",
     "TensorImageDataset",
@@ -42,6 +43,7 @@ __all__ = [
     "default_data_dir",
     "load_dataset",
     "num_classes",
+    "random_crop_flip",
     "train_transform",
 ]
 
@@ -92,12 +94,7 @@ class TensorImageDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         classes: tuple[str, ...] | None = None,
     ) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got "
-                             f"{images.dtype} {tuple(images.shape)}")
-        if labels.shape != (images.shape[0],):
-            raise ValueError(f"labels must have shape ({images.shape[0]},), got "
-                             f"{tuple(labels.shape)}")
+        _check_images(images, labels)
         self.images = images
         self.labels = labels.long()
         self.transform = transform if transform is not None else _to_float
@@ -108,6 +105,83 @@ class TensorImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.images[index]), int(self.labels[index])
+
+
+def _check_images(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got "
+                         f"{images.dtype} {tuple(images.shape)}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have shape ({images.shape[0]},), got "
+                         f"{tuple(labels.shape)}")
+
+
+class DeviceImageDataset(Dataset):
+    """Uint8 images (N, C, H, W) and labels (N,) held on one device (e.g. the GPU), turned
+    into float images in [0, 1] there a whole batch at a time, optionally with the standard
+    augmentation (:func:`random_crop_flip`) done batch-wise on that device.
+
+    A ``DataLoader`` with ``num_workers=0`` fetches each batch with one :meth:`__getitems__`
+    call, so a GPU training step spends no time on per-sample CPU transforms or host-to-device
+    copies. The augmentation samples the distribution of :func:`train_transform` (the draws
+    differ) from the device's global generator, which ``fit`` seeds at every step.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        device: str | torch.device | None = None,
+        augment: bool = False,
+        padding: int | None = None,
+        flip: bool = True,
+        classes: tuple[str, ...] | None = None,
+    ) -> None:
+        _check_images(images, labels)
+        self.device = torch.device(device) if device is not None else images.device
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device, torch.long)
+        self.augment, self.flip, self.classes = augment, flip, classes
+        self.padding = images.shape[-1] // 8 if padding is None else padding
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x, y = self.batch(torch.tensor([index], device=self.device))
+        return x[0], int(y[0])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The samples at ``indices``, made in one batch (``default_collate`` stacks them)."""
+        x, y = self.batch(torch.as_tensor(indices, device=self.device))
+        return list(zip(x.unbind(0), y.unbind(0), strict=True))
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float images in [0, 1], labels) at ``indices``, augmented when ``augment``."""
+        images = self.images[indices]
+        if self.augment:
+            images = random_crop_flip(images, self.padding, flip=self.flip)
+        return _to_float(images), self.labels[indices]
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, *, flip: bool = True) -> torch.Tensor:
+    """Each image of the batch (B, C, H, W) cropped to (H, W) at a random offset after zero
+    padding by ``padding``, then mirrored left-right with probability 1/2 when ``flip``: the
+    crop and flip of :func:`train_transform`, drawn per sample with tensor ops on the batch's
+    device (its global generator)."""
+    b, _, h, w = images.shape
+    dev = images.device
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    top = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=dev)
+    left = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=dev)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
+    if flip:
+        cols = torch.where(torch.rand(b, 1, 1, device=dev) < 0.5, w - 1 - cols, cols)
+    rows = top + torch.arange(h, device=dev).view(1, h, 1)
+    batch = torch.arange(b, device=dev).view(b, 1, 1)
+    # advanced indices around a slice put their (B, H, W) dims first: (B, H, W, C)
+    return padded[batch, :, rows, left + cols].permute(0, 3, 1, 2)
 
 
 def _to_float(image: torch.Tensor) -> torch.Tensor:
@@ -351,6 +425,8 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     size = len(dataset)  # type: ignore[arg-type]
     for name in ("targets", "labels"):
         values = getattr(dataset, name, None)
+        if isinstance(values, torch.Tensor) and len(values) == size:
+            return values.to("cpu", torch.long)  # e.g. DeviceImageDataset's, on the GPU
         if values is not None and len(values) == size:
             return torch.as_tensor(np.asarray(values), dtype=torch.long)
     return torch.tensor([int(dataset[i][1]) for i in range(size)], dtype=torch.long)
