@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchattacks.attack import Attack
 
+from ..exits import entropy
 from .registry import register_attack
 
 __all__ = [
@@ -56,8 +57,7 @@ def exit_cross_entropy(exit_logits: Sequence[torch.Tensor], labels: torch.Tensor
 
 def exit_entropy(exit_logits: Sequence[torch.Tensor]) -> torch.Tensor:
     """(E, N): the softmax entropy of every exit for every sample (what the router reads)."""
-    log_probs = [F.log_softmax(logits, 1) for logits in exit_logits]
-    return torch.stack([-(lp.exp() * lp).sum(1) for lp in log_probs])
+    return torch.stack([entropy(logits) for logits in exit_logits])
 
 
 def _check_multiexit(model: nn.Module, attack: str, needs_route: bool) -> None:
