@@ -84,7 +84,9 @@ Data = Dataset | DataLoader | tuple[torch.Tensor, torch.Tensor] | Sequence[torch
 @dataclass
 class SweepRow:
     """One λ of a sweep. Accuracies are fractions in [0, 1]; ``lam`` is None for a plain
-    (unconditioned) model."""
+    (unconditioned) model. ``mac_fraction``: for a model with exits, the mean MACs per clean
+    image of its input-adaptive inference (heads evaluated and rejected included) as a
+    fraction of the backbone's (``model.cost``); None otherwise."""
 
     lam: float | None
     clean_acc: float
@@ -92,6 +94,7 @@ class SweepRow:
     n: int
     attack: str
     seconds: float = 0.0
+    mac_fraction: float | None = None
 
 
 DIAL_TOLERANCE = 0.5
@@ -330,6 +333,9 @@ class SweepResult:
         """A markdown table (accuracies in percent), followed, for a sweep with λ values
         between its ends and ``dial``, by the one-line :meth:`dial` summary."""
         head = "| λ | clean acc (%) | robust acc (%) | n | attack |"
+        costs = any(r.mac_fraction is not None for r in self.rows)
+        if costs:
+            head += " MACs (% of backbone) |"
         if label is not None:
             head = "| model " + head
         lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -337,6 +343,8 @@ class SweepResult:
             lam = "–" if r.lam is None else f"{r.lam:g}"
             cells = [lam, f"{100 * r.clean_acc:.1f}", f"{100 * r.robust_acc:.1f}", str(r.n),
                      r.attack]
+            if costs:
+                cells.append("–" if r.mac_fraction is None else f"{100 * r.mac_fraction:.1f}")
             if label is not None:
                 cells.insert(0, label)
             lines.append("| " + " | ".join(cells) + " |")
@@ -605,6 +613,9 @@ def evaluate(
     clean_correct = [0] * len(lams)
     robust_correct = [0] * len(lams)
     seconds = [0.0] * len(lams)
+    exits = isinstance(model, ConditionalModel) and model.exits is not None
+    macs = [0.0] * len(lams)  # summed mean MACs per image × images (models with exits)
+    backbone_macs = 0
     count = 0
     bar = tqdm(total=(n_total or 0) * len(lams) or None, disable=not progress,
                desc=f"eval {config.description}", unit="img", leave=False)
@@ -621,6 +632,11 @@ def evaluate(
                 clean_correct[i] += clean
                 robust_correct[i] += robust
                 seconds[i] += time.perf_counter() - start
+                if exits:
+                    with model.at(lam):
+                        cost = model.cost(x)
+                    macs[i] += cost["mean_macs"] * x.shape[0]
+                    backbone_macs = cost["backbone_macs"]
                 bar.update(x.shape[0])
     finally:
         bar.close()
@@ -629,7 +645,8 @@ def evaluate(
         raise ValueError("the data yielded no examples")
     rows = [
         SweepRow(lam, clean_correct[i] / count, robust_correct[i] / count, count,
-                 config.description, round(seconds[i], 3))
+                 config.description, round(seconds[i], 3),
+                 macs[i] / count / backbone_macs if exits else None)
         for i, lam in enumerate(lams)
     ]
     meta = {
@@ -648,7 +665,9 @@ def evaluate(
         "backbone": getattr(model, "backbone_name", None),
     }
     for r in rows if log_rows else ():
-        logger.info("λ=%s clean %.2f %% robust %.2f %% (%s, n=%d)",
+        logger.info("λ=%s clean %.2f %% robust %.2f %% (%s, n=%d)%s",
                     "–" if r.lam is None else f"{r.lam:g}", 100 * r.clean_acc,
-                    100 * r.robust_acc, r.attack, r.n)
+                    100 * r.robust_acc, r.attack, r.n,
+                    "" if r.mac_fraction is None else
+                    f", MACs {100 * r.mac_fraction:.1f} % of the backbone's")
     return SweepResult(rows, meta)

@@ -369,29 +369,19 @@ class ExitRouter(nn.Module):
     def set_budget(self, budget: float) -> dict[str, Any]:
         """Thresholds giving the most accurate routing (the latest exits) whose mean MACs on
         the calibration data are at most ``budget`` × the backbone's; one entropy threshold
-        for every early exit. Returns what :func:`routing_summary` reports."""
+        for every early exit. Returns the thresholds, the mean MAC fraction and the exit
+        shares on the calibration data."""
         cal = self._require_calibration()
         if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0:
             raise ValueError(f"the exit budget is a fraction of the backbone's MACs > 0, got "
                              f"{budget!r}")
         table = MacTable(**cal["macs"])
-        candidates = _threshold_candidates(cal["entropies"])
 
         def fraction(t: float) -> float:
             return table.mean_fraction(_route_entropies(cal["entropies"], t), t)
 
-        lo, hi = 0, len(candidates) - 1  # candidates ascending; cost non-increasing
-        if fraction(candidates[hi]) > budget:
-            raise ValueError(f"budget {budget:g} is below the cheapest routing on the "
-                             f"calibration data ({fraction(candidates[hi]):.3f} of the "
-                             "backbone's MACs: every sample at the first exit)")
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if fraction(candidates[mid]) <= budget:
-                hi = mid
-            else:
-                lo = mid + 1
-        self.set_thresholds([candidates[lo]] * (self.n_exits - 1))
+        chosen = _smallest_within(_threshold_candidates(cal["entropies"]), fraction, budget)
+        self.set_thresholds([chosen] * (self.n_exits - 1))
         return self.summary()
 
     def set_shares(self, shares: Sequence[float]) -> dict[str, Any]:
@@ -425,6 +415,28 @@ class ExitRouter(nn.Module):
             raise ValueError("the exits are not calibrated: call model.calibrate(held_out_data, "
                              "budget=...) first (held-out data, never the test split)")
         return self.calibration
+
+
+def _smallest_within(candidates: list[float], fraction: Callable[[float], float],
+                     budget: float) -> float:
+    """The smallest threshold among ascending ``candidates`` whose cost ``fraction`` is at
+    most ``budget``. -inf evaluates no head (the backbone's cost, 1); above it every head is
+    evaluated until a sample leaves, and the cost does not increase with the threshold, so
+    the rest is a bisection."""
+    if fraction(candidates[0]) <= budget:
+        return candidates[0]
+    lo, hi = 1, len(candidates) - 1
+    if fraction(candidates[hi]) > budget:
+        raise ValueError(f"budget {budget:g} is below the cheapest routing on the calibration "
+                         f"data ({fraction(candidates[hi]):.3f} of the backbone's MACs: every "
+                         "sample at the first exit)")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fraction(candidates[mid]) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return candidates[lo]
 
 
 def _threshold_candidates(entropies: torch.Tensor) -> list[float]:
@@ -661,6 +673,18 @@ class MultiExitAPI:
         """The early exits' heads (conditioned like the backbone)."""
         self._router()
         return self.backbone.get_submodule(EXITS_CHILD)
+
+    def exits_report(self) -> list[str]:
+        """Lines for ``model.summary()``: where the exits are, their heads and thresholds."""
+        if self.exits is None:
+            return []
+        spec, router = self.exits.spec, self.exits
+        stages = _feature_info(self.backbone)
+        heads = [f"after {stages[p]['module']} ({sum(q.numel() for q in h.parameters()):,} "
+                 f"parameters)" for p, h in zip(spec.points, self.exit_heads, strict=True)]
+        state = ("thresholds " + ", ".join(f"{t:.3g}" for t in router.thresholds.tolist())
+                 if router.calibration is not None else "not calibrated (no early exit)")
+        return [f"  {len(heads)} early exits: " + "; ".join(heads), f"  router: {state}"]
 
     @property
     def exit_thresholds(self) -> torch.Tensor:

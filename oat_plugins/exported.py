@@ -61,6 +61,13 @@ def _exported_backbone(model: ConditionalModel, lam: float) -> tuple[float, nn.M
     if not isinstance(model, ConditionalModel):
         raise ValueError(f"expected a ConditionalModel, got {type(model).__name__}")
     lam = validate_lambda(lam, per_sample=False)
+    if model.exits is not None:
+        raise ValueError(
+            "a model with exits exports as a multi-exit model (heads and router), which the "
+            "weights-only export files do not hold; save the conditional model with "
+            "oat_plugins.save (thresholds included), or export the backbone alone in Python "
+            "with model.export(λ, exits=False)"
+        )
     if model.backbone_spec is None:
         raise ValueError(
             "this model's backbone is not a named timm model, so a weights-only export could "

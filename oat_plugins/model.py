@@ -278,7 +278,7 @@ class ConditionalModel(MultiExitAPI, nn.Module):
                 f"  non-zero parameters exported at λ = 0: {folded.nonzero:,} of "
                 f"{folded.total:,} ({100.0 * folded.density:.1f} %)",
             ]
-        return "\n".join(lines + self.method.report(self))
+        return "\n".join(lines + self.method.report(self) + self.exits_report())
 
     def extra_repr(self) -> str:
         lam = self.lam if self.condition.is_scalar else "per-sample"

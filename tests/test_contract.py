@@ -16,6 +16,7 @@ import torchattacks
 from torch import nn
 
 import oat_plugins
+from oat_plugins.exits import MultiExitNet
 from oat_plugins.layers import ConditionedParametrization
 from oat_plugins.samplers import ExtremesLambdaSampler
 from oat_plugins.surgery import NothingToConditionError, foreign_modules, parametrize_weights
@@ -67,6 +68,8 @@ FAMILIES = {
 METHODS = oat_plugins.available_methods()
 CASES = [(m, f) for m in METHODS for f in FAMILIES]
 X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+HELD_OUT = torch.utils.data.TensorDataset(  # calibrates the exits of multi-exit models
+    torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.zeros(32))
 LAM = torch.tensor([0.0, 0.3, 1.0, 0.0])
 
 
@@ -75,7 +78,11 @@ def build(method: str, family: str) -> oat_plugins.ConditionalModel:
     model = oat_plugins.wrap(family, method, model_kwargs={"num_classes": 10,
                                                            **FAMILIES[family]})
     model.method.prepare(model, X, torch.arange(4))  # data-driven set-up where pending
-    return perturb(model).eval()
+    model = perturb(model).eval()
+    if model.exits is not None:  # samples leave at every exit, so routing is exercised
+        n = len(model.exit_thresholds)
+        model.calibrate(HELD_OUT, shares=[1 / n] * n)
+    return model
 
 
 @torch.no_grad()
@@ -108,6 +115,9 @@ def at(model, lam, x=X):
 def test_output_depends_on_lambda(case):
     _, _, model = case
     clean, robust = at(model, 0.0), at(model, 1.0)
+    if not model.replacements:  # a method that conditions nothing (multiexit): no λ effect
+        assert torch.equal(clean, robust)
+        return
     assert float((clean - robust).abs().max()) > 1e-2 * float(clean.abs().max())
 
 
@@ -117,9 +127,13 @@ def test_export_equals_model_and_is_plain(case, lam):
     plain = model.export(lam).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(X), at(model, lam), rtol=1e-4, atol=1e-4)
-    assert foreign_modules(plain) == []
-    reference = timm.create_model(family, num_classes=10, **FAMILIES[family])
     backbone = plain[-1] if isinstance(plain, nn.Sequential) else plain
+    exits = isinstance(backbone, MultiExitNet)  # with exits: a plain backbone and heads in it
+    assert exits == (model.exits is not None)
+    parts = [backbone.backbone, backbone.heads] if exits else [plain]
+    assert all(foreign_modules(part) == [] for part in parts)
+    backbone = backbone.backbone if exits else backbone
+    reference = timm.create_model(family, num_classes=10, **FAMILIES[family])
     assert type(backbone) is type(reference)
     assert sum(p.numel() for p in backbone.parameters()) == sum(
         p.numel() for p in reference.parameters())
@@ -185,9 +199,10 @@ def test_training_step_reaches_conditioning_parameters(case):
     assert torch.isfinite(loss) and stats["n_adv"] == 4
     grads = {n: p.grad for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    conditioning = [g for n, g in grads.items()  # FiLM, robust norms, weight conditioning
-                    if ".post." in n or ".robust." in n
-                    or ("parametrizations" in n and not n.endswith(".original"))]
+    conditioning = [g for n, g in grads.items()  # FiLM, robust norms, weight conditioning,
+                    if ".post." in n or ".robust." in n  # exit heads
+                    or ("parametrizations" in n and not n.endswith(".original"))
+                    or ".oat_exits." in n]
     assert conditioning and any(g is not None and bool(g.abs().sum() > 0) for g in conditioning)
 
 

@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "switch); writes metrics.json (with the dial check), metrics.csv and tradeoff.png "
         "into --out.",
         epilog="example: oat-plugins eval --checkpoint runs/demo/model.pt --data bundled "
-        "--lambdas 0,0.5,1 --attack pgd --steps 20 --n-examples 500 --out runs/eval",
+        "--lambdas 0,0.5,1 --attack pgd --steps 20 --n-examples 500 --out runs/eval. A model "
+        "with exits (multi-exit) also gets its mean MACs per image as a share of the "
+        "backbone's (heads evaluated and rejected included) in each row.",
     )
     parser.add_argument("--checkpoint", required=True, help="model file to evaluate")
     parser.add_argument("--data", default="bundled",
@@ -60,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--subset-seed", type=int, default=None, metavar="SEED",
                         help="with --n-examples, a random subset drawn with SEED instead of "
                         "the first N (use it for an ImageFolder path, which is sorted by class)")
+    parser.add_argument("--exit-budget", type=positive_number, default=None, metavar="B",
+                        help="a model with exits: re-pick its thresholds for a mean MAC "
+                        "budget B (fraction of the backbone's, e.g. 0.7) from the calibration "
+                        "saved in it (calibrated on held-out data, never on this split); "
+                        "default: the saved thresholds")
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: "
                         "cuda when available)")
@@ -81,6 +88,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{args.checkpoint!r} holds a plain (exported) model, which has no λ; drop --lambdas"
         )
+    if args.exit_budget is not None:
+        if getattr(model, "exits", None) is None:
+            raise ValueError(f"{args.checkpoint!r} holds a model without exits; drop "
+                             "--exit-budget")
+        model.set_exit_budget(args.exit_budget)
     dataset = load_dataset(args.data, args.split, data_dir=args.data_dir, augment=False)
     if (args.n_examples is not None and args.subset_seed is None
             and str(args.data).lower() not in DATASETS and args.n_examples < len(dataset)):
