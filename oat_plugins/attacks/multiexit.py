@@ -252,13 +252,12 @@ _HELP = {
     "slowdown-pgd": "L∞ PGD maximising the early exits' entropy (slowdown, DeepSloth-style)",
 }
 _LABEL = {
-    "single-exit-pgd": "SingleExitPGD-{steps} (last exit)",
+    "single-exit-pgd": "SingleExitPGD-{steps} at the last exit",
     "average-exit-pgd": "AverageExitPGD-{steps}",
     "max-average-exit-pgd": "MaxAverageExitPGD-{steps}",
     "routing-pgd": "RoutingPGD-{steps}",
     "slowdown-pgd": "SlowdownPGD-{steps}",
 }
-
 
 
 def _register() -> None:
