@@ -12,8 +12,8 @@ conditions the backbone (dual norms, FiLM, weight noise, masks) and folds them o
 The router's state (thresholds, calibration statistics) lives in :class:`ExitRouter`, the
 model's ``exits`` submodule, and is saved with the model. See ``docs/methods/multiexit.md``.
 
-Segments are lists of *steps*: a submodule name of the backbone, or ``@method`` for one of the
-backbone's own methods in :data:`_METHOD_STEPS` (ViT's ``_pos_embed``, ``forward_head``).
+Segments are lists of *steps*: a submodule name of the backbone, or ``@name`` for one of the
+backbone's own methods (ViT's ``_pos_embed``, timm's ``forward_head``).
 They are names, not module references, so surgery and export (which replace submodules) never
 leave them stale.
 """
@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 EXITS_CHILD = "oat_exits"
 """Name of the child of the backbone that holds the exit heads (see the module docstring)."""
 
-_METHOD_STEPS = ("_pos_embed", "forward_head")
 _PROBE_SIZE = 64
 """Side of the random probe image a CNN's split is verified on (a ViT uses its img_size)."""
 _VERIFY_TOLERANCE = 1e-4
@@ -290,14 +289,16 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def route(exit_logits: Sequence[torch.Tensor], thresholds: torch.Tensor) -> torch.Tensor:
     """(N,) index of the first exit whose entropy is below its threshold (the last if none)."""
-    last = len(exit_logits) - 1
-    if last == 0:
-        return torch.zeros(exit_logits[0].shape[0], dtype=torch.long,
-                           device=exit_logits[0].device)
-    h = torch.stack([entropy(t) for t in exit_logits[:-1]], dim=1)
-    below = h < thresholds[:-1].to(h.device)
-    return torch.where(below.any(1), below.float().argmax(1), torch.full_like(below[:, 0], last,
-                                                                               dtype=torch.long))
+    return first_below(torch.stack([entropy(t) for t in exit_logits[:-1]], dim=1),
+                       thresholds[:-1])
+
+
+def first_below(entropies: torch.Tensor, thresholds: object) -> torch.Tensor:
+    """(N,) index of the first of the early exits' (N, E-1) ``entropies`` below its threshold
+    (a scalar threshold applies to every early exit), E-1 (the backbone's head) if none."""
+    t = torch.as_tensor(thresholds, dtype=torch.float32, device=entropies.device)
+    below = entropies < t.expand(entropies.shape[1])
+    return torch.where(below.any(1), below.float().argmax(1), entropies.shape[1])
 
 
 def adaptive_logits(backbone: nn.Module, heads: nn.ModuleList, segments: list[list[str]],
@@ -378,7 +379,7 @@ class ExitRouter(nn.Module):
         table = MacTable(**cal["macs"])
 
         def fraction(t: float) -> float:
-            return table.mean_fraction(_route_entropies(cal["entropies"], t), t)
+            return table.mean_fraction(first_below(cal["entropies"], t), t)
 
         chosen = _smallest_within(_threshold_candidates(cal["entropies"]), fraction, budget)
         self.set_thresholds([chosen] * (self.n_exits - 1))
@@ -404,11 +405,12 @@ class ExitRouter(nn.Module):
 
     def summary(self) -> dict[str, Any]:
         cal = self._require_calibration()
-        exits = _route_entropies(cal["entropies"], self.thresholds[:-1])
+        exits = first_below(cal["entropies"], self.thresholds[:-1])
         table = MacTable(**cal["macs"])
         return {"thresholds": self.thresholds.tolist(),
                 "mean_fraction": table.mean_fraction(exits, self.thresholds[:-1]),
-                "exit_shares": _shares(exits, self.n_exits)}
+                "exit_shares": _shares(exits, self.n_exits),
+                "calibration_size": [len(exits), *cal["input_size"]]}
 
     def _require_calibration(self) -> dict[str, Any]:
         if self.calibration is None:
@@ -454,15 +456,6 @@ def _between(values: torch.Tensor, k: int) -> float:
     if k >= values.numel():
         return float(values[-1]) + 1.0
     return float((values[k - 1] + values[k]) / 2)
-
-
-def _route_entropies(entropies: torch.Tensor, thresholds: object) -> torch.Tensor:
-    """Exit index of each calibration sample given early-exit thresholds (a scalar applies
-    to every early exit)."""
-    t = torch.as_tensor(thresholds, dtype=torch.float32).expand(entropies.shape[1])
-    below = entropies < t
-    return torch.where(below.any(1), below.float().argmax(1),
-                       torch.full((entropies.shape[0],), entropies.shape[1]))
 
 
 def _shares(exits: torch.Tensor, n: int) -> list[float]:

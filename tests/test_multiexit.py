@@ -212,6 +212,7 @@ def test_save_load_is_exact_with_thresholds_and_calibration(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(X), model(X))
     assert loaded.set_exit_budget(0.8) == model.set_exit_budget(0.8)
+    assert model.set_exit_budget(0.8)["calibration_size"] == [48, 3, 32, 32]
 
 
 def test_float_with_exits_conditions_the_heads_and_exports_equal_to_the_model():
