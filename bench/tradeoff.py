@@ -454,6 +454,26 @@ def markdown_table(results: dict[str, tuple[SweepResult, float]]) -> str:
     return "\n".join(lines)
 
 
+def write_report(results: dict[str, tuple[SweepResult, float]], out: Path, setting: str,
+                 title: str, total_seconds: float, extra: dict[str, Any]) -> None:
+    """``out/tradeoff.md`` (setting and table), ``out/results.json`` (setting, ``extra``,
+    every sweep with its train seconds) and ``out/tradeoff.png`` (conditional models as
+    curves, plain ones as points)."""
+    curves = {name: r for name, (r, _) in results.items() if r.rows[0].lam is not None}
+    refs = {name: (r.rows[0].clean_acc, r.rows[0].robust_acc)
+            for name, (r, _) in results.items() if name not in curves}
+    plot_tradeoff(curves, out / "tradeoff.png", references=refs, title=title)
+    dials = "".join(f"- {name}: {r.dial().summary()}\n" for name, r in curves.items()
+                    if r.is_sweep)
+    atomic_write_text(f"{setting}\n\n{markdown_table(results)}\n\n{dials}\ntotal wall time "
+                      f"{total_seconds / 60:.1f} min\n", out / "tradeoff.md")
+    atomic_write_text(json.dumps({
+        "setting": setting, **extra, "total_seconds": total_seconds,
+        "results": {name: {"train_seconds": s, **r.to_dict()}
+                    for name, (r, s) in results.items()}}, indent=2, ensure_ascii=False),
+        out / "results.json")
+
+
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
@@ -560,19 +580,8 @@ def main(argv: list[str] | None = None) -> int:
                f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}"
                + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
                + (", data held there, augmented per batch" if resident else ""))
-    curves = {name: r for name, (r, _) in results.items() if name in methods}
-    refs = {name: (r.rows[0].clean_acc, r.rows[0].robust_acc)
-            for name, (r, _) in results.items() if name not in methods}
-    plot_tradeoff(curves, out / "tradeoff.png", references=refs,
-                  title=f"{args.model}, {attack}")
     total = time.perf_counter() - started
-    atomic_write_text(f"{setting}\n\n{table}\n\ntotal wall time {total / 60:.1f} min\n",
-                      out / "tradeoff.md")
-    atomic_write_text(json.dumps({
-        "setting": setting, "args": vars(args), "total_seconds": total,
-        "results": {name: {"train_seconds": s, **r.to_dict()}
-                    for name, (r, s) in results.items()}}, indent=2, ensure_ascii=False),
-        out / "results.json")
+    write_report(results, out, setting, f"{args.model}, {attack}", total, {"args": vars(args)})
     print(setting)
     print()
     print(table)

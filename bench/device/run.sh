@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The device bench in one command, sized to finish within TOTAL_S seconds (default 470) of its
+# start and always to leave what finished packed in $OUT (results.tgz, models-<i>.tgz,
+# log.txt), even when a stage fails, runs late or the whole command is killed (trap).
+#
+#   bash bench/device/run.sh                       # on the GPU machine, from the repo root
+#   OAT_DEVICE_SMOKE=1 OUT=/tmp/out bash bench/device/run.sh   # tiny CPU run of every step
+#
+# Needs .whl/ (timm, torchattacks wheels; installed into /tmp/site) and
+# .devdata/cifar10-jpeg.tar.gz (extracted into /tmp/cifar) in the repo root.
+# Stages, each under its own `timeout`, in this order:
+#   0. install the wheels, print the machine and versions, extract the data;
+#   A. bench/device/stage_a.py: the trade-off models of issues 11/12 (bench/tradeoff.py, one
+#      process each on the one GPU, epochs sized to the time left);
+#   B. bench/overhead.py --device cuda --quick --out ...    (only if it exists and has those flags)
+#   C. bench/multiexit.py --device cuda --out ...           (only if it exists and has those flags)
+#   then pack.
+# Environment (seconds unless said): TOTAL_S (470), STAGE_A_S (default: all the time the other
+# stages and packing do not reserve), OVERHEAD_S (60), MULTIEXIT_S (60), PACK_S (25);
+# STAGE_A_ARGS / OVERHEAD_ARGS / MULTIEXIT_ARGS (extra options), TRADEOFF_ARGS (options for
+# every bench/tradeoff.py run), DEVICE (cuda), PYTHON (python3), CIFAR_DIR (/tmp/cifar),
+# RESULTS_DIR (/tmp/oat-device-results), OUT ($OUT, else bench/out/device).
+set -u
+T0=$(date +%s)
+cd "$(dirname "$0")/../.."
+SMOKE=${OAT_DEVICE_SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then
+  : "${DEVICE:=cpu}" "${TOTAL_S:=1500}" "${OVERHEAD_S:=120}" "${MULTIEXIT_S:=120}"
+  : "${STAGE_A_ARGS:=--runs film,smart,pgd-at --max-epochs 1 --calibrate-steps 2 --eval-batch-size 64}"
+  : "${TRADEOFF_ARGS:=--n-train 512 --n-examples 64 --steps 2 --lambdas 0,0.5,1 --resident-data}"
+fi
+DEVICE=${DEVICE:-cuda}
+TOTAL_S=${TOTAL_S:-470}
+OVERHEAD_S=${OVERHEAD_S:-60}
+MULTIEXIT_S=${MULTIEXIT_S:-60}
+PACK_S=${PACK_S:-25}
+PY=${PYTHON:-python3}
+CIFAR_DIR=${CIFAR_DIR:-/tmp/cifar}
+RES=${RESULTS_DIR:-/tmp/oat-device-results}
+OUT=${OUT:-$PWD/bench/out/device}
+mkdir -p "$OUT" "$RES"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export MPLBACKEND=Agg MPLCONFIGDIR=/tmp/mplconfig
+
+elapsed() { echo $(( $(date +%s) - T0 )); }
+say() { echo "[run.sh +$(elapsed)s] $*"; }
+left() { echo $(( TOTAL_S - $(elapsed) - PACK_S )); }
+# has SCRIPT FLAG...: the script exists and names every flag (its options are not run)
+has() { local f=$1; shift; [ -f "$f" ] || return 1; for flag; do grep -q -- "\"$flag\"" "$f" || return 1; done; }
+min() { [ "$1" -lt "$2" ] && echo "$1" || echo "$2"; }
+
+PACKED=0
+STAGE_PID=
+pack() {
+  [ "$PACKED" = 1 ] && return; PACKED=1
+  if [ -n "$STAGE_PID" ] && kill -0 "$STAGE_PID" 2>/dev/null; then  # a stage cut short
+    kill -TERM "$STAGE_PID"; sleep 5; kill -KILL "$STAGE_PID" 2>/dev/null
+  fi
+  say "packing $RES into $OUT"
+  for f in "$RES"/stage_a/pids.txt; do  # runs of stage A still alive (killed stage): ours only
+    [ -f "$f" ] && while read -r pid; do kill -9 "$pid" 2>/dev/null && say "killed run $pid"; done < "$f"
+  done
+  echo "stages: $(cat "$RES/stages.txt" 2>/dev/null | tr '\n' ';')"
+  timeout -k 5 "$PACK_S" "$PY" bench/device/pack.py --results "$RES" --dest "$OUT" \
+    || { say "pack.py failed; plain tar of the small files"; \
+         tar czf "$OUT/results.tgz" --exclude='*.pt' -C "$RES" . ; }
+  ls -la "$OUT"
+  say "done"
+}
+trap 'say "stopped by a signal"; pack; exit 143' TERM INT
+trap pack EXIT
+
+# stage NAME SECONDS COMMAND...: run it under timeout, record how it ended
+stage() {
+  local name=$1 seconds=$2; shift 2
+  if [ "$seconds" -lt 20 ]; then say "$name skipped: ${seconds}s left"; echo "$name skipped" >> "$RES/stages.txt"; return; fi
+  say "$name: up to ${seconds}s: $*"
+  local t=$(date +%s)
+  # in the background: a signal to this script runs its trap now, not after the stage
+  timeout -k 10 "$seconds" "$@" &
+  STAGE_PID=$!
+  wait "$STAGE_PID"
+  local rc=$?
+  STAGE_PID=
+  say "$name ended rc=$rc after $(( $(date +%s) - t ))s"
+  echo "$name rc=$rc $(( $(date +%s) - t ))s" >> "$RES/stages.txt"
+}
+
+# -- 0. environment and data --------------------------------------------------------------
+say "smoke=$SMOKE device=$DEVICE total=${TOTAL_S}s results=$RES out=$OUT"
+command -v nvidia-smi >/dev/null && nvidia-smi
+nproc --all; free -g 2>/dev/null | head -2
+timeout 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+  || say "wheel install failed"
+"$PY" - <<'EOF'
+import sys, torch, torchvision
+print("python", sys.version.split()[0], "torch", torch.__version__, "torchvision",
+      torchvision.__version__, "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+import timm, torchattacks, oat_plugins
+print("timm", timm.__version__, timm.__file__, "torchattacks", torchattacks.__version__,
+      "oat_plugins", oat_plugins.__version__)
+EOF
+if [ ! -d "$CIFAR_DIR/train" ]; then
+  mkdir -p "$CIFAR_DIR" && timeout 120 tar xzf .devdata/cifar10-jpeg.tar.gz -C "$CIFAR_DIR" \
+    || say "extracting the data failed"
+fi
+say "data: $(ls "$CIFAR_DIR" 2>/dev/null | tr '\n' ' ')"
+
+# -- A. trade-off models -------------------------------------------------------------------
+RESERVE=0
+has bench/overhead.py --device --quick --out && RESERVE=$(( RESERVE + OVERHEAD_S ))
+has bench/multiexit.py --device --out && RESERVE=$(( RESERVE + MULTIEXIT_S ))
+A_S=$(( $(left) - RESERVE ))
+[ -n "${STAGE_A_S:-}" ] && A_S=$(min "$STAGE_A_S" "$(left)")
+# shellcheck disable=SC2086  # the *_ARGS are word lists
+stage A "$A_S" "$PY" bench/device/stage_a.py --data "$CIFAR_DIR" --out "$RES/stage_a" \
+  --budget-s $(( A_S - 10 )) --device "$DEVICE" ${STAGE_A_ARGS:-} -- ${TRADEOFF_ARGS:-}
+
+# -- B, C. optional stages -------------------------------------------------------------------
+if has bench/overhead.py --device --quick --out; then
+  # shellcheck disable=SC2086
+  stage overhead "$(min "$OVERHEAD_S" "$(left)")" "$PY" bench/overhead.py --device "$DEVICE" \
+    --quick --out "$RES/overhead" ${OVERHEAD_ARGS:-}
+else
+  say "overhead stage skipped: bench/overhead.py lacks --device/--quick/--out"
+fi
+if has bench/multiexit.py --device --out; then
+  # shellcheck disable=SC2086
+  stage multiexit "$(min "$MULTIEXIT_S" "$(left)")" "$PY" bench/multiexit.py --device "$DEVICE" \
+    --out "$RES/multiexit" ${MULTIEXIT_ARGS:-}
+else
+  say "multiexit stage skipped: bench/multiexit.py missing or lacks --device/--out"
+fi
