@@ -2,11 +2,13 @@
 
 >>> from oat_plugins.attacks import available_attacks, build_attack
 >>> available_attacks()
-['pgd', 'fgsm', 'cw', 'apgd', 'apgd-t', 'square', 'autoattack', 'eot-pgd', 'pgd-l2', 'fgsm-rs']
+['pgd', 'fgsm', 'cw', 'apgd', 'apgd-t', 'square', 'autoattack', 'eot-pgd', 'pgd-l2', 'fgsm-rs',
+ 'single-exit-pgd', 'average-exit-pgd', 'max-average-exit-pgd', 'routing-pgd', 'slowdown-pgd']
 >>> attack = build_attack("pgd", model, eps=8 / 255, steps=10)   # torchattacks.PGD
 >>> attack = build_attack("TPGD", model, eps=8 / 255, steps=10)  # any torchattacks class
 
 Names are case-insensitive; aliases: ``ffgsm`` (fgsm-rs), ``apgdt``, ``eotpgd``, ``pgdl2``.
+The multi-exit attacks (:mod:`oat_plugins.attacks.multiexit`) need a model with exits.
 A registered name wins over the torchattacks class it shadows (``CW`` is :class:`CWLinf`);
 ``torchattacks.CW`` names torchattacks' class explicitly. :func:`register_attack` adds names.
 Each caller keeps its documented step-size default by passing ``alpha``; the registry's own
@@ -15,6 +17,14 @@ default is ``2.5·eps/steps`` (1.25·eps for ``fgsm-rs``).
 
 from . import builtin  # noqa: F401  (registers the built-in names)
 from .cw import CWLinf
+from .multiexit import (  # registers the multi-exit attacks, after the built-ins
+    MULTIEXIT_ATTACKS,
+    AverageExitPGD,
+    MaxAverageExitPGD,
+    RoutingPGD,
+    SingleExitPGD,
+    SlowdownPGD,
+)
 from .registry import (
     ATTACKS,
     PARAMETERS,
@@ -38,7 +48,13 @@ __all__ = [
     "AttackConfig",
     "AttackFactory",
     "AttackSpec",
+    "AverageExitPGD",
     "CWLinf",
+    "MULTIEXIT_ATTACKS",
+    "MaxAverageExitPGD",
+    "RoutingPGD",
+    "SingleExitPGD",
+    "SlowdownPGD",
     "attack_names_help",
     "available_attacks",
     "build_attack",
