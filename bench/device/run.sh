@@ -18,6 +18,7 @@
 #   then pack.
 # Environment (seconds unless said): TOTAL_S (470), STAGE_A_S (default: all the time the other
 # stages and packing do not reserve), OVERHEAD_S (60), MULTIEXIT_S (60), PACK_S (25);
+# MULTIEXIT_PARALLEL=1 runs stage C beside stage A (same time limit) instead of after B;
 # STAGE_A_ARGS / OVERHEAD_ARGS / MULTIEXIT_ARGS (extra options), TRADEOFF_ARGS (options for
 # every bench/tradeoff.py run), DEVICE (cuda), PYTHON (python3), SITE (/tmp/site: where the
 # wheels go), CIFAR_DIR (/tmp/cifar),
@@ -126,12 +127,23 @@ if command -v nvidia-smi >/dev/null; then  # GPU load through the stages, every 
   GPU_MON=$!
 fi
 
-# -- A. trade-off models -------------------------------------------------------------------
+# -- A. trade-off models (with C beside it when MULTIEXIT_PARALLEL=1) ------------------------
 RESERVE=0
 has bench/overhead.py --device --quick --out && RESERVE=$(( RESERVE + OVERHEAD_S ))
-has bench/multiexit.py --device --out && RESERVE=$(( RESERVE + MULTIEXIT_S ))
+ME_PARALLEL=${MULTIEXIT_PARALLEL:-0}
+has bench/multiexit.py --device --out && [ "$ME_PARALLEL" != 1 ] && RESERVE=$(( RESERVE + MULTIEXIT_S ))
 A_S=$(( $(left) - RESERVE ))
 [ -n "${STAGE_A_S:-}" ] && A_S=$(min "$STAGE_A_S" "$(left)")
+ME_PID=
+if [ "$ME_PARALLEL" = 1 ] && has bench/multiexit.py --device --out; then
+  # the multi-exit bench shares the GPU with stage A's runs from their start, so stage A's step
+  # timing (and so its plan) already counts it; it gets stage A's time
+  say "multiexit (beside A): up to ${A_S}s"
+  # shellcheck disable=SC2086
+  timeout -k 10 "$A_S" "$PY" bench/multiexit.py --device "$DEVICE" --out "$RES/multiexit" \
+    $(data_flag bench/multiexit.py) ${MULTIEXIT_ARGS:-} > "$RES/multiexit.log" 2>&1 &
+  ME_PID=$!
+fi
 # shellcheck disable=SC2086  # the *_ARGS are word lists
 stage A "$A_S" "$PY" bench/device/stage_a.py --data "$CIFAR_DIR" --out "$RES/stage_a" \
   --budget-s $(( A_S - 10 )) --device "$DEVICE" ${STAGE_A_ARGS:-} -- ${TRADEOFF_ARGS:-}
@@ -144,7 +156,11 @@ if has bench/overhead.py --device --quick --out; then
 else
   say "overhead stage skipped: bench/overhead.py lacks --device/--quick/--out"
 fi
-if has bench/multiexit.py --device --out; then
+if [ -n "$ME_PID" ]; then
+  wait "$ME_PID"; rc=$?
+  say "multiexit (beside A) ended rc=$rc"; echo "multiexit rc=$rc (beside A)" >> "$RES/stages.txt"
+  tail -n 40 "$RES/multiexit.log"
+elif has bench/multiexit.py --device --out; then
   # shellcheck disable=SC2086
   stage multiexit "$(min "$MULTIEXIT_S" "$(left)")" "$PY" bench/multiexit.py --device "$DEVICE" \
     --out "$RES/multiexit" $(data_flag bench/multiexit.py) ${MULTIEXIT_ARGS:-}
