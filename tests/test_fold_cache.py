@@ -115,3 +115,57 @@ def test_frozen_gives_input_gradients_and_no_parameter_gradients(model):
     with model.at(1.0), model.frozen():
         adv = torchattacks.PGD(model, eps=4 / 255, alpha=2 / 255, steps=2)(X, Y)
     assert float((adv - X).abs().max()) <= 4 / 255 + 1e-6
+
+
+def parametrized_weights(model):
+    return [module for module in model.modules()
+            if torch.nn.utils.parametrize.is_parametrized(module, "weight")]
+
+
+@pytest.mark.parametrize("method", ["float", "floats", "smart"])
+def test_a_whole_parametrization_chain_is_folded_once_per_lambda(method):
+    """W + α·λ·η then ⊙ mask (floats), W ⊙ M(λ) (smart): one tensor per λ, not per forward,
+    under no_grad and inside frozen() (the attack's setting, gradients enabled)."""
+    model = build(method)
+    layers = parametrized_weights(model)
+    assert layers
+    for scope in (torch.no_grad, model.frozen):
+        with model.at(0.7), scope():
+            first = [layer.weight for layer in layers]
+            assert all(layer.weight is w for layer, w in zip(layers, first, strict=True))
+            assert not any(w.requires_grad for w in first)
+    with model.at(0.7):  # gradients wanted: recomputed, with a graph to the parameters
+        assert all(layer.weight.requires_grad for layer in layers)
+
+
+def test_a_new_weight_mask_is_seen():
+    model = build("floats")
+    cached(model, 0.7)
+    from oat_plugins.layers.weight_mask import weight_masks
+    for _, _, mask in weight_masks(model):
+        mask.set_mask(~mask.mask)
+    torch.testing.assert_close(cached(model, 0.7), recomputed(model, 0.7), rtol=1e-5, atol=1e-6)
+
+
+def test_new_expert_masks_are_seen():
+    model = build("smart")
+    before = cached(model, 1.0)
+    from oat_plugins.layers.expert_masks import expert_masks
+    for _, _, masks in expert_masks(model):
+        masks.set_masks(masks.clean, masks.clean)  # the adversarial path now uses M_c
+    after = cached(model, 1.0)
+    assert not torch.allclose(after, before, atol=1e-4)
+    torch.testing.assert_close(after, recomputed(model, 1.0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_mask_after_freshly_drawn_noise_is_never_served_stale():
+    """With noise='resample' the mask's input is a new tensor every forward: two forwards
+    differ (a cache keyed on a reused address would repeat the first draw)."""
+    torch.manual_seed(0)
+    model = oat_plugins.wrap("test_byobnet", "floats", noise="resample",
+                             model_kwargs={"num_classes": 10}).eval()
+    model.method.prepare(model, X, Y)
+    layer = parametrized_weights(model)[0]
+    with model.at(1.0), torch.no_grad():
+        draws = [layer.weight.clone() for _ in range(3)]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 import torch
@@ -15,16 +16,20 @@ T = TypeVar("T")
 
 
 class FoldCache(Generic[T]):
-    """One value folded at a scalar λ, reused while neither λ nor any tensor it was computed
-    from changed.
+    """One value folded at a scalar λ (or any other hashable ``key``), reused while neither
+    the key nor any tensor it was computed from changed.
 
-    A tensor counts as changed when its storage (``data_ptr``: ``.to()``, a dtype or device
-    move) or its version counter (every in-place write: optimizer steps, ``load_state_dict``,
-    ``copy_``) differs. Writes through ``.data`` bypass version counters; call
-    ``model.clear_fold_caches()`` after such a write. Values made under
-    ``torch.inference_mode`` are kept apart from the others (they cannot be saved for a
-    backward pass). Computed under ``torch.no_grad``: a cached value carries no gradient to
-    the tensors it came from.
+    A source tensor counts as unchanged only when it is the same tensor object (held by a weak
+    reference, so a freed tensor whose address is reused never matches), with the same
+    storage (``data_ptr``: ``.to()``, a dtype or device move change it) and the same version
+    counter (every in-place write: optimizer steps, ``load_state_dict``, ``copy_``). A source
+    may therefore be the value another cache serves (a parametrization chain), but a tensor
+    made afresh each forward never hits. Writes through ``.data`` bypass version counters;
+    call ``model.clear_fold_caches()`` after such a write. Inference tensors have no version
+    counter: they match by object and storage (their only in-place writers would be ours).
+    Values made under ``torch.inference_mode`` are kept apart from the others (they cannot be
+    saved for a backward pass). Computed under ``torch.no_grad``: a cached value carries no
+    gradient to the tensors it came from.
     """
 
     def __init__(self) -> None:
@@ -32,19 +37,30 @@ class FoldCache(Generic[T]):
 
     def clear(self) -> None:
         self._key: tuple | None = None
+        self._sources: tuple[tuple[weakref.ref, int, int], ...] = ()
         self._value: T | None = None
 
-    def get(self, lam: float, sources: Iterable[torch.Tensor], compute: Callable[[], T]) -> T:
-        key = (lam, torch.is_inference_mode_enabled(),
-               *((t.data_ptr(), t._version) for t in sources))
-        if key != self._key:
+    def get(self, key: Hashable, sources: Sequence[torch.Tensor], compute: Callable[[], T]) -> T:
+        """The cached value for ``key`` and ``sources``, or ``compute()`` (under no_grad)."""
+        full_key = (key, torch.is_inference_mode_enabled())
+        if full_key != self._key or not self._unchanged(sources):
             with torch.no_grad():
                 self._value = compute()
-            self._key = key
+            self._key = full_key
+            self._sources = tuple((weakref.ref(t), t.data_ptr(), _version(t)) for t in sources)
         return self._value  # type: ignore[return-value]
+
+    def _unchanged(self, sources: Sequence[torch.Tensor]) -> bool:
+        return len(sources) == len(self._sources) and all(
+            ref() is t and ptr == t.data_ptr() and version == _version(t)
+            for (ref, ptr, version), t in zip(self._sources, sources, strict=True))
 
     def __deepcopy__(self, memo: dict) -> FoldCache[T]:
         return FoldCache()  # a copy starts empty: its tensors are new
+
+
+def _version(tensor: torch.Tensor) -> int:
+    return -1 if tensor.is_inference() else tensor._version
 
 
 class ConditionedModule(nn.Module):
