@@ -169,3 +169,53 @@ def test_a_mask_after_freshly_drawn_noise_is_never_served_stale():
     with model.at(1.0), torch.no_grad():
         draws = [layer.weight.clone() for _ in range(3)]
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
+def training_attack_inputs(method):
+    model = build(method)
+    lam = model.method.default_sampler()(4, torch.Generator().manual_seed(3))
+    lam = torch.where(lam > 0, lam, torch.full_like(lam, 0.5))  # the attacked samples: λ > 0
+    attack = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=3, random_start=True)
+    return model, lam, attack
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_training_attack_computes_conditioned_pieces_once_per_attack(method):
+    """Inside train.adversarial_examples each conv sees one weight tensor per λ group for all
+    attack steps, and each FiLM generator runs once per attack."""
+    from oat_plugins.train import adversarial_examples
+    model, lam, attack = training_attack_inputs(method)
+    weights_seen = {}
+    film_runs = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_pre_hook(
+                lambda m, _, name=name: weights_seen.setdefault(
+                    (name, float(model.lam) if model.condition.is_scalar else -1), []
+                ).append(m.weight))
+        if isinstance(module, oat_plugins.layers.FiLM):
+            module.net.register_forward_hook(lambda *_: film_runs.append(1))
+    adversarial_examples(model, attack, X, Y, lam)
+    assert weights_seen and all(len(ws) == 3 for ws in weights_seen.values())  # 3 steps
+    assert all(all(w is ws[0] for w in ws) for ws in weights_seen.values())
+    n_films = sum(isinstance(m, oat_plugins.layers.FiLM) for m in model.modules())
+    assert len(film_runs) == n_films  # zero for the weight methods
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_cached_training_attack_finds_the_same_examples(method):
+    from oat_plugins.train import adversarial_examples
+    model, lam, attack = training_attack_inputs(method)
+    torch.manual_seed(11)
+    cached_adv = adversarial_examples(model, attack, X, Y, lam)
+    reference = torch.empty_like(X)
+    torch.manual_seed(11)
+    if model.method.lambda_groups:
+        for value in lam.unique().tolist():  # the same group order, nothing folded
+            idx = torch.nonzero(lam == value).flatten()
+            with model.at(value):
+                reference[idx] = attack(X[idx], Y[idx])
+    else:
+        with model.at(lam):
+            reference = attack(X, Y)
+    torch.testing.assert_close(cached_adv, reference)

@@ -71,12 +71,12 @@ class DualNorm(ConditionedModule):
             return self._interpolated(x)
         if self.condition.is_scalar:
             return (self.clean if self.condition.lam == 0 else self.robust)(x)
-        clean = self.condition.clean_mask(x)
-        n_clean = int(clean.sum())
+        n_clean = self.condition.clean_count(x)
         if n_clean == x.shape[0]:
             return self.clean(x)
         if n_clean == 0:
             return self.robust(x)
+        clean = self.condition.clean_mask(x)
         from_clean, from_robust = self.clean(x[clean]), self.robust(x[~clean])
         # Under autocast a norm may return float32 for half inputs (GroupNorm, LayerNorm):
         # the combined output takes the branches' dtype, not the input's.
