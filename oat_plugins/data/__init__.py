@@ -106,6 +106,11 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def targets(self) -> list[int]:
+        """The labels as a list (the attribute ImageFolder and torchvision datasets have)."""
+        return self.labels.tolist()
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.images[index]), int(self.labels[index])
 
