@@ -49,6 +49,16 @@ def test_cached_equals_recomputed_and_lambda_changes_are_seen(model):
     assert not torch.allclose(cached(model, 0.0), cached(model, 1.0), atol=1e-4)
 
 
+def test_inference_mode_values_equal_recomputed_ones(model):
+    for lam in (0.3, 1.0):
+        with model.at(lam), torch.inference_mode():
+            served = model(X)
+            again = model(X)
+        torch.testing.assert_close(served, recomputed(model, lam), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(again, served, rtol=0, atol=0)
+        torch.testing.assert_close(cached(model, lam), served, rtol=0, atol=0)
+
+
 def test_an_optimizer_step_is_seen(model):
     before = cached(model, 0.7)
     model.train()
@@ -129,7 +139,7 @@ def test_a_whole_parametrization_chain_is_folded_once_per_lambda(method):
     model = build(method)
     layers = parametrized_weights(model)
     assert layers
-    for scope in (torch.no_grad, model.frozen):
+    for scope in (torch.no_grad, torch.inference_mode, model.frozen):
         with model.at(0.7), scope():
             first = [layer.weight for layer in layers]
             assert all(layer.weight is w for layer, w in zip(layers, first, strict=True))

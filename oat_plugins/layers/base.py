@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
@@ -19,13 +18,13 @@ class FoldCache(Generic[T]):
     """One value folded at a scalar λ (or any other hashable ``key``), reused while neither
     the key nor any tensor it was computed from changed.
 
-    A source tensor counts as unchanged only when it is the same tensor object (held by a weak
-    reference, so a freed tensor whose address is reused never matches), with the same
-    storage (``data_ptr``: ``.to()``, a dtype or device move change it) and the same version
-    counter (every in-place write: optimizer steps, ``load_state_dict``, ``copy_``). A source
-    may therefore be the value another cache serves (a parametrization chain), but a tensor
-    made afresh each forward never hits. Writes through ``.data`` bypass version counters;
-    call ``model.clear_fold_caches()`` after such a write. Inference tensors have no version
+    A source tensor counts as unchanged only when it is the same tensor object (the cache
+    holds it, so its ``id`` cannot be reused by a new tensor meanwhile), with the same storage
+    (``data_ptr``: ``.to()``, a dtype or device move change it) and the same version counter
+    (every in-place write: optimizer steps, ``load_state_dict``, ``copy_``). A source may
+    therefore be the value another cache serves (a parametrization chain), but a tensor made
+    afresh each forward never hits. Writes through ``.data`` bypass version counters; call
+    ``model.clear_fold_caches()`` after such a write. Inference tensors have no version
     counter: they match by object and storage (their only in-place writers would be ours).
     Values made under ``torch.inference_mode`` are kept apart from the others (they cannot be
     saved for a backward pass). Computed under ``torch.no_grad``: a cached value carries no
@@ -37,30 +36,44 @@ class FoldCache(Generic[T]):
 
     def clear(self) -> None:
         self._key: tuple | None = None
-        self._sources: tuple[tuple[weakref.ref, int, int], ...] = ()
+        self._held: tuple[torch.Tensor, ...] = ()
         self._value: T | None = None
+        self._slots: list[tuple[dict, str]] | None = None
 
-    def get(self, key: Hashable, sources: Sequence[torch.Tensor], compute: Callable[[], T]) -> T:
-        """The cached value for ``key`` and ``sources``, or ``compute()`` (under no_grad)."""
-        full_key = (key, torch.is_inference_mode_enabled())
-        if full_key != self._key or not self._unchanged(sources):
+    def get(self, key: Hashable, sources: Sequence[torch.Tensor], compute: Callable[[], T], *,
+            module: nn.Module | None = None) -> T:
+        """The cached value for ``key`` and ``sources`` (plus every parameter and buffer of
+        ``module``), or ``compute()`` (under no_grad)."""
+        if module is not None:
+            sources = [*sources, *self._tensors_of(module)]
+        full_key = (key, torch.is_inference_mode_enabled(), _signature(sources))
+        if full_key != self._key:
             with torch.no_grad():
                 self._value = compute()
-            self._key = full_key
-            self._sources = tuple((weakref.ref(t), t.data_ptr(), _version(t)) for t in sources)
+            self._key, self._held = full_key, tuple(sources)
         return self._value  # type: ignore[return-value]
 
-    def _unchanged(self, sources: Sequence[torch.Tensor]) -> bool:
-        return len(sources) == len(self._sources) and all(
-            ref() is t and ptr == t.data_ptr() and version == _version(t)
-            for (ref, ptr, version), t in zip(self._sources, sources, strict=True))
+    def _tensors_of(self, module: nn.Module) -> list[torch.Tensor]:
+        # Where each parameter and buffer lives (its module's own dict and name) is found
+        # once, not by a walk of the module tree every forward; a tensor assigned anew under
+        # that name is still seen. clear() finds them again (after adding tensors).
+        if self._slots is None:
+            self._slots = [(table, name) for sub in module.modules()
+                           for table in (sub._parameters, sub._buffers)
+                           for name, tensor in table.items() if tensor is not None]
+        return [table[name] for table, name in self._slots]
 
     def __deepcopy__(self, memo: dict) -> FoldCache[T]:
         return FoldCache()  # a copy starts empty: its tensors are new
 
 
-def _version(tensor: torch.Tensor) -> int:
-    return -1 if tensor.is_inference() else tensor._version
+def _signature(sources: Sequence[torch.Tensor]) -> tuple:
+    """(object, storage, version) of each tensor: one flat tuple, compared in C."""
+    try:
+        return tuple([(id(t), t.data_ptr(), t._version) for t in sources])
+    except RuntimeError:  # an inference tensor has no version counter
+        return tuple([(id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
+                      for t in sources])
 
 
 class ConditionedModule(nn.Module):

@@ -107,9 +107,8 @@ class DualNorm(ConditionedModule):
         if not self.training and self.condition.serves_folded:
             # The export's own module (branch with FiLM folded into its affine), built once
             # per λ: a plain norm's cost. Eval mode only: a copy must not track statistics.
-            sources = [*self.parameters(), *self.buffers()]
-            return self._folded.get(self.condition.lam, sources,
-                                    lambda: self.fold().requires_grad_(False))(x)
+            return self._folded.get(self.condition.lam, (),
+                                    lambda: self.fold().requires_grad_(False), module=self)(x)
         x = self._normalise(x)
         if self.post is not None:
             x = self.post(x)

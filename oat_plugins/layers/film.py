@@ -50,8 +50,7 @@ class FiLM(ConditionedModule):
         if self.condition.weights_constant:
             # e.g. inside an attack at a per-sample λ: γ, β once per λ, not every forward (the
             # code is a new tensor whenever λ or the batch size changes)
-            return self._folded.get(None, (code, *self.net.parameters()),
-                                    lambda: self._affine(code))
+            return self._folded.get(None, (code,), lambda: self._affine(code), module=self.net)
         return self._affine(code)
 
     def _affine(self, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
