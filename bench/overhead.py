@@ -338,15 +338,18 @@ def describe(dataset: Dataset) -> str:
 def e2e_dataset(setting: Setting, args, data: str | None) -> Dataset:
     """The training data of the end-to-end rows (see the module docstring)."""
     needed = setting.batch * (args.e2e_warmup + args.e2e_steps)
+    return _dataset(data, setting.image_size, needed if data is None else 0)
+
+
+@functools.lru_cache(maxsize=2)  # configurations of one image size share their data
+def _dataset(data: str | None, size: int, needed: int) -> Dataset:
     if data is not None:
-        size = None if setting.image_size == 32 else setting.image_size
-        return load_dataset(data, "train", image_size=size)
-    if setting.image_size == 32:
+        return load_dataset(data, "train", image_size=None if size == 32 else size)
+    if size == 32:
         dataset = load_dataset("bundled", "train")
         if len(dataset) >= needed:
             return dataset
     generator = torch.Generator().manual_seed(0)
-    size = setting.image_size
     images = torch.randint(0, 256, (needed, 3, size, size), dtype=torch.uint8,
                            generator=generator)
     labels = torch.randint(0, 10, (needed,), generator=generator)
