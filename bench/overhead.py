@@ -8,9 +8,12 @@ drifting load hits all rows alike; medians):
      plain PGD-AT      hand-written: torchattacks PGD on the whole batch, one forward/backward
                        on the adversarial batch, SGD step.
      <method> λ=1      ``oat_plugins.train.oat_loss`` with every sample at λ = 1: the same
-                       attack and training work as plain PGD-AT (the equal-work ratio).
+                       attack and training work as plain PGD-AT (the equal-work ratio). FLOAT
+                       and FLOATS use ``recipe='extremes'`` (OAT's loss) here: their default
+                       recipe also trains on every clean image (a second forward/backward).
      <method> sampler  the method's default λ sampler (film: 5/6 of the batch attacked and
-                       a clean forward too; float: 1/2 attacked).
+                       a clean forward too; float: 1/2 attacked, every clean image in its
+                       default loss).
 2. Inference latency (``torch.inference_mode``, batch of the configuration): the plain model,
    ``export(λ)`` and the conditional model at the scalar λ ``--lam`` (served from its fold
    caches).
@@ -132,15 +135,35 @@ def ratio_rows(config: str, section: str, values: dict[str, float], unit: str,
 
 
 # -- models ----------------------------------------------------------------------------------
-def build_models(setting: Setting, methods: list[str], device: torch.device
-                 ) -> tuple[torch.nn.Module, dict[str, oat_plugins.ConditionalModel]]:
-    """The plain model (Normalize + backbone, as an export is) and one conditional model per
-    method, all from the same initial backbone."""
+@dataclass
+class Models:
+    """The models of one configuration, all from the same initial backbone: the plain model
+    (Normalize + backbone, as an export is), one conditional model per method with its
+    default options, and the one its equal-work rows train (see :func:`equal_work_options`)."""
+
+    plain: torch.nn.Module
+    default: dict[str, oat_plugins.ConditionalModel]
+    equal_work: dict[str, oat_plugins.ConditionalModel]
+
+
+def equal_work_options(model: oat_plugins.ConditionalModel) -> dict[str, str]:
+    """Options that make a method's training loss OAT's (one forward on the adversarial batch
+    at λ = 1). FLOAT's default recipe, the authors' loss, also trains on every clean image:
+    a second forward and backward a plain PGD-AT step does not do."""
+    return {"recipe": "extremes"} if "recipe" in model.method.options_dict() else {}
+
+
+def build_models(setting: Setting, methods: list[str], device: torch.device) -> Models:
     torch.manual_seed(0)
     backbone = timm.create_model(setting.model, num_classes=10)
     plain = oat_plugins.wrap(copy.deepcopy(backbone), "film").export(0.0).to(device)
-    models = {m: oat_plugins.wrap(copy.deepcopy(backbone), m).to(device) for m in methods}
-    return plain, models
+    default = {m: oat_plugins.wrap(copy.deepcopy(backbone), m).to(device) for m in methods}
+    equal_work = {}
+    for name, model in default.items():
+        options = equal_work_options(model)
+        equal_work[name] = (oat_plugins.wrap(copy.deepcopy(backbone), name, **options).to(device)
+                            if options else model)
+    return Models(plain, default, equal_work)
 
 
 def plain_pgd(model: torch.nn.Module, config: TrainConfig) -> torchattacks.attack.Attack:
@@ -185,28 +208,28 @@ def method_step_fn(model: oat_plugins.ConditionalModel, config: TrainConfig,
 
 
 # -- sections ----------------------------------------------------------------------------------
-def training_steps(setting: Setting, plain, models, args, device, sync) -> list[Row]:
+def training_steps(setting: Setting, models: Models, args, device, sync) -> list[Row]:
     config = TrainConfig(epochs=1, steps=args.attack_steps)
     x = torch.rand(setting.batch, 3, setting.image_size, setting.image_size, device=device)
     y = torch.randint(0, 10, (setting.batch,), device=device)
     steps: dict[str, Callable[[], object]] = {
-        "plain PGD-AT": functools.partial(plain_step_fn(plain, config), x, y)}
-    for name, model in models.items():
-        ones = torch.ones(setting.batch, device=device)
+        "plain PGD-AT": functools.partial(plain_step_fn(models.plain, config), x, y)}
+    ones = torch.ones(setting.batch, device=device)
+    for name, model in models.default.items():
         sampled = model.method.default_sampler()(setting.batch,
                                                  torch.Generator().manual_seed(0)).to(device)
         steps[f"{name} λ=1 (equal work)"] = functools.partial(
-            method_step_fn(model, config, ones), x, y)
+            method_step_fn(models.equal_work[name], config, ones), x, y)
         steps[f"{name} sampler"] = functools.partial(method_step_fn(model, config, sampled), x, y)
     seconds = median_seconds(steps, args.repeats, args.warmup, sync)
     return ratio_rows(setting.name, f"training step (PGD-{args.attack_steps})", seconds, "s",
                       "plain PGD-AT")
 
 
-def inference_latency(setting: Setting, plain, models, args, device, sync) -> list[Row]:
+def inference_latency(setting: Setting, models: Models, args, device, sync) -> list[Row]:
     x = torch.rand(setting.batch, 3, setting.image_size, setting.image_size, device=device)
-    forwards: dict[str, torch.nn.Module] = {"plain": plain.eval()}
-    for name, model in models.items():
+    forwards: dict[str, torch.nn.Module] = {"plain": models.plain.eval()}
+    for name, model in models.default.items():
         model.eval().set_lambda(args.lam)
         forwards[f"{name} export(λ={args.lam})"] = model.export(args.lam).eval()
         forwards[f"{name} conditional (λ={args.lam})"] = model
@@ -215,7 +238,7 @@ def inference_latency(setting: Setting, plain, models, args, device, sync) -> li
                                  args.repeats * 4, args.warmup, sync)
     rows = ratio_rows(setting.name, "inference latency", seconds, "s", "plain")
     by_label = {r.label: r for r in rows}
-    for name in models:  # the goal's ratio: conditional at a scalar λ against its own export
+    for name in models.default:  # the goal: conditional at a scalar λ against its own export
         conditional = by_label[f"{name} conditional (λ={args.lam})"].value
         export = by_label[f"{name} export(λ={args.lam})"].value
         rows.append(Row(setting.name, "inference latency", f"{name} conditional / export",
@@ -309,19 +332,20 @@ def _take(loader: DataLoader, n: int) -> Iterator:
         yield batch
 
 
-def end_to_end(setting: Setting, plain, models, args, device, sync, data: str | None
+def end_to_end(setting: Setting, models: Models, args, device, sync, data: str | None
                ) -> list[Row]:
     dataset = e2e_dataset(setting, args, data)
     runs: dict[str, Callable[[], float]] = {
-        "plain PGD-AT loop": lambda: plain_rate(plain, dataset, setting, args, device, sync),
+        "plain PGD-AT loop": lambda: plain_rate(models.plain, dataset, setting, args, device,
+                                                sync),
         "data loader alone": lambda: loader_rate(dataset, setting, args, device, sync)}
-    equal_work = EveryoneAtOne()
-    for name, model in models.items():
-        runs[f"{name} fit, λ=1 (equal work)"] = (
-            lambda m=model: fit_rate(m, dataset, setting, args, device, sync, equal_work))
+    for name, model in models.default.items():
+        runs[f"{name} fit, λ=1 (equal work)"] = functools.partial(
+            fit_rate, models.equal_work[name], dataset, setting, args, device, sync,
+            EveryoneAtOne())
         if not args.quick:
-            runs[f"{name} fit, sampler"] = (
-                lambda m=model: fit_rate(m, dataset, setting, args, device, sync))
+            runs[f"{name} fit, sampler"] = functools.partial(
+                fit_rate, model, dataset, setting, args, device, sync)
     rates: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(args.e2e_rounds):
         for label, run in runs.items():
@@ -466,14 +490,14 @@ def main(argv: list[str] | None = None) -> None:
 def measure(setting: Setting, args, device, sync, sections: set[str], data: str | None
             ) -> list[Row]:
     started = time.perf_counter()
-    plain, models = build_models(setting, args.methods.split(","), device)
+    models = build_models(setting, args.methods.split(","), device)
     rows = []
     if "steps" in sections:
-        rows += training_steps(setting, plain, models, args, device, sync)
+        rows += training_steps(setting, models, args, device, sync)
     if "latency" in sections:
-        rows += inference_latency(setting, plain, models, args, device, sync)
+        rows += inference_latency(setting, models, args, device, sync)
     if "e2e" in sections:
-        rows += end_to_end(setting, plain, models, args, device, sync, data)
+        rows += end_to_end(setting, models, args, device, sync, data)
     logging.getLogger("overhead").warning("%s measured in %.0f s", setting.name,
                                           time.perf_counter() - started)
     return rows
