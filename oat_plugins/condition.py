@@ -89,7 +89,7 @@ class Condition:
     """
 
     def __init__(self, lam: Lambda = 0.0) -> None:
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor | int] = {}
         self._lam: Lambda = validate_lambda(lam)
         self._frozen = False
 
@@ -185,6 +185,18 @@ class Condition:
     def clean_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean (B,) mask of the samples with λ == 0 (those routed to the clean branch)."""
         return self.cached("clean", x, lambda lam: lam == 0)
+
+    def clean_count(self, x: torch.Tensor) -> int:
+        """How many of ``x``'s batch items have λ == 0, kept until λ changes: counted once
+        per λ on λ's own device, not once per layer on ``x``'s (a device sync each)."""
+        full = ("clean-count", x.shape[0])
+        if full not in self._cache:
+            if self.is_scalar:
+                count = x.shape[0] if self._lam == 0 else 0
+            else:
+                count = int(_expand_to_batch(self._lam == 0, x.shape[0]).sum())
+            self._cache[full] = count
+        return self._cache[full]
 
 
 def _expand_to_batch(lam: torch.Tensor, batch: int) -> torch.Tensor:

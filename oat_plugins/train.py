@@ -446,12 +446,13 @@ def adversarial_examples(model: ConditionalModel, attack: torchattacks.attack.At
     attack only queries its whole batch (PGD, FGSM-RS, ...); otherwise one λ group at a time,
     each at a scalar λ, so that attacks that query the model on a subset of their batch
     (APGD, APGDT, FAB, Square, AutoAttack) see a consistent model."""
+    # frozen: the conditioned pieces (each group's folded weights, FiLM's per-sample γ, β)
+    # are computed once per attack, not once per attack step
     if not model.method.lambda_groups and queries_whole_batch(attack):
-        with model.at(lam):
+        with model.at(lam), model.frozen():
             return attack(x, y).detach()
     x_adv = torch.empty_like(x)
     for value, idx in lambda_groups(lam):
-        # frozen: each group's conditioned weights are folded once per attack, not per step
         with model.at(value), model.frozen():
             x_adv[idx] = attack(x[idx], y[idx]).detach()
     return x_adv

@@ -158,3 +158,38 @@ def test_num_classes_and_stats_of_named_datasets():
         10, 100, 10, 10]
     assert dataset_stats("CIFAR10") == dataset_stats("bundled")
     assert dataset_stats("svhn") != dataset_stats("cifar10")
+
+
+
+def test_small_image_folders_are_decoded_into_memory_with_the_same_images(tmp_path):
+    """Decoded once (default for small data) or read per item: the same tensors, with and
+    without resizing, and with augmentation under the same seed."""
+    from oat_plugins.data import TensorImageDataset
+
+    _write_images(tmp_path, ["a", "b"], 3, size=(40, 48))
+    for split, size in (("test", None), ("test", 24), ("train", 24)):
+        kept = load_dataset(tmp_path, split, image_size=size)
+        read = load_dataset(tmp_path, split, image_size=size, in_memory=False)
+        assert isinstance(kept, TensorImageDataset) and not isinstance(read, TensorImageDataset)
+        assert kept.classes == ("a", "b") and len(kept) == len(read) == 6
+        for i in range(len(read)):
+            torch.manual_seed(i)
+            x_kept, y_kept = kept[i]
+            torch.manual_seed(i)
+            x_read, y_read = read[i]
+            assert y_kept == y_read and torch.equal(x_kept, x_read)
+
+
+def test_image_folders_of_mixed_sizes_stay_on_disk_unless_resized(tmp_path):
+    from oat_plugins.data import TensorImageDataset
+
+    _write_images(tmp_path / "small", ["a"], 1, size=(16, 16))
+    _write_images(tmp_path / "large", ["b"], 1, size=(20, 20))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (tmp_path / "small" / "a").rename(mixed / "a")
+    (tmp_path / "large" / "b").rename(mixed / "b")
+    assert not isinstance(load_dataset(mixed, "test"), TensorImageDataset)
+    with pytest.raises(ValueError, match="one size"):
+        load_dataset(mixed, "test", in_memory=True)
+    assert isinstance(load_dataset(mixed, "test", image_size=8), TensorImageDataset)

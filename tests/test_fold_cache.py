@@ -49,6 +49,16 @@ def test_cached_equals_recomputed_and_lambda_changes_are_seen(model):
     assert not torch.allclose(cached(model, 0.0), cached(model, 1.0), atol=1e-4)
 
 
+def test_inference_mode_values_equal_recomputed_ones(model):
+    for lam in (0.3, 1.0):
+        with model.at(lam), torch.inference_mode():
+            served = model(X)
+            again = model(X)
+        torch.testing.assert_close(served, recomputed(model, lam), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(again, served, rtol=0, atol=0)
+        torch.testing.assert_close(cached(model, lam), served, rtol=0, atol=0)
+
+
 def test_an_optimizer_step_is_seen(model):
     before = cached(model, 0.7)
     model.train()
@@ -115,3 +125,107 @@ def test_frozen_gives_input_gradients_and_no_parameter_gradients(model):
     with model.at(1.0), model.frozen():
         adv = torchattacks.PGD(model, eps=4 / 255, alpha=2 / 255, steps=2)(X, Y)
     assert float((adv - X).abs().max()) <= 4 / 255 + 1e-6
+
+
+def parametrized_weights(model):
+    return [module for module in model.modules()
+            if torch.nn.utils.parametrize.is_parametrized(module, "weight")]
+
+
+@pytest.mark.parametrize("method", ["float", "floats", "smart"])
+def test_a_whole_parametrization_chain_is_folded_once_per_lambda(method):
+    """W + α·λ·η then ⊙ mask (floats), W ⊙ M(λ) (smart): one tensor per λ, not per forward,
+    under no_grad and inside frozen() (the attack's setting, gradients enabled)."""
+    model = build(method)
+    layers = parametrized_weights(model)
+    assert layers
+    for scope in (torch.no_grad, torch.inference_mode, model.frozen):
+        with model.at(0.7), scope():
+            first = [layer.weight for layer in layers]
+            assert all(layer.weight is w for layer, w in zip(layers, first, strict=True))
+            assert not any(w.requires_grad for w in first)
+    with model.at(0.7):  # gradients wanted: recomputed, with a graph to the parameters
+        assert all(layer.weight.requires_grad for layer in layers)
+
+
+def test_a_new_weight_mask_is_seen():
+    model = build("floats")
+    cached(model, 0.7)
+    from oat_plugins.layers.weight_mask import weight_masks
+    for _, _, mask in weight_masks(model):
+        mask.set_mask(~mask.mask)
+    torch.testing.assert_close(cached(model, 0.7), recomputed(model, 0.7), rtol=1e-5, atol=1e-6)
+
+
+def test_new_expert_masks_are_seen():
+    model = build("smart")
+    before = cached(model, 1.0)
+    from oat_plugins.layers.expert_masks import expert_masks
+    for _, _, masks in expert_masks(model):
+        masks.set_masks(masks.clean, masks.clean)  # the adversarial path now uses M_c
+    after = cached(model, 1.0)
+    assert not torch.allclose(after, before, atol=1e-4)
+    torch.testing.assert_close(after, recomputed(model, 1.0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_mask_after_freshly_drawn_noise_is_never_served_stale():
+    """With noise='resample' the mask's input is a new tensor every forward: two forwards
+    differ (a cache keyed on a reused address would repeat the first draw)."""
+    torch.manual_seed(0)
+    model = oat_plugins.wrap("test_byobnet", "floats", noise="resample",
+                             model_kwargs={"num_classes": 10}).eval()
+    model.method.prepare(model, X, Y)
+    layer = parametrized_weights(model)[0]
+    with model.at(1.0), torch.no_grad():
+        draws = [layer.weight.clone() for _ in range(3)]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
+def training_attack_inputs(method):
+    model = build(method)
+    lam = model.method.default_sampler()(4, torch.Generator().manual_seed(3))
+    lam = torch.where(lam > 0, lam, torch.full_like(lam, 0.5))  # the attacked samples: λ > 0
+    attack = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=3, random_start=True)
+    return model, lam, attack
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_training_attack_computes_conditioned_pieces_once_per_attack(method):
+    """Inside train.adversarial_examples each conv sees one weight tensor per λ group for all
+    attack steps, and each FiLM generator runs once per attack."""
+    from oat_plugins.train import adversarial_examples
+    model, lam, attack = training_attack_inputs(method)
+    weights_seen = {}
+    film_runs = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_pre_hook(
+                lambda m, _, name=name: weights_seen.setdefault(
+                    (name, float(model.lam) if model.condition.is_scalar else -1), []
+                ).append(m.weight))
+        if isinstance(module, oat_plugins.layers.FiLM):
+            module.net.register_forward_hook(lambda *_: film_runs.append(1))
+    adversarial_examples(model, attack, X, Y, lam)
+    assert weights_seen and all(len(ws) == 3 for ws in weights_seen.values())  # 3 steps
+    assert all(all(w is ws[0] for w in ws) for ws in weights_seen.values())
+    n_films = sum(isinstance(m, oat_plugins.layers.FiLM) for m in model.modules())
+    assert len(film_runs) == n_films  # zero for the weight methods
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_cached_training_attack_finds_the_same_examples(method):
+    from oat_plugins.train import adversarial_examples
+    model, lam, attack = training_attack_inputs(method)
+    torch.manual_seed(11)
+    cached_adv = adversarial_examples(model, attack, X, Y, lam)
+    reference = torch.empty_like(X)
+    torch.manual_seed(11)
+    if model.method.lambda_groups:
+        for value in lam.unique().tolist():  # the same group order, nothing folded
+            idx = torch.nonzero(lam == value).flatten()
+            with model.at(value):
+                reference[idx] = attack(X[idx], Y[idx])
+    else:
+        with model.at(lam):
+            reference = attack(X, Y)
+    torch.testing.assert_close(cached_adv, reference)

@@ -103,6 +103,11 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def targets(self) -> list[int]:
+        """The labels as a list (the attribute ImageFolder and torchvision datasets have)."""
+        return self.labels.tolist()
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.images[index]), int(self.labels[index])
 
@@ -203,11 +208,7 @@ def train_transform(size: int = 32, *, padding: int | None = None, flip: bool = 
 
 def eval_transform(size: int | None = None) -> v2.Compose:
     """No augmentation: (optionally resize and centre-crop to ``size``,) float in [0, 1]."""
-    ops: list[Any] = [v2.ToImage()]
-    if size is not None:
-        ops += [v2.Resize(size), v2.CenterCrop(size)]
-    ops.append(v2.ToDtype(torch.float32, scale=True))
-    return v2.Compose(ops)
+    return v2.Compose(_fit_to_size(size) + [v2.ToDtype(torch.float32, scale=True)])
 
 
 def _decode_split(archive: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,6 +321,7 @@ def load_dataset(
     transform: Callable | None = None,
     download: bool = True,
     image_size: int | None = None,
+    in_memory: bool | None = None,
 ) -> Dataset:
     """A dataset of ``(image in [0, 1], label)`` pairs.
 
@@ -337,6 +339,12 @@ def load_dataset(
         download: let torchvision download a missing dataset (needs internet).
         image_size: for ImageFolder data, resize and crop images to this size (needed when
             images differ in size); torchvision datasets are 32x32.
+        in_memory: for ImageFolder data with the default transforms, decode every image
+            once (resized and cropped to ``image_size``) into a uint8 tensor held in memory
+            (:class:`TensorImageDataset`), so a batch costs its augmentation only, not file
+            reads and JPEG decoding. ``None`` (default): when the decoded split takes at most
+            :data:`IN_MEMORY_LIMIT_BYTES` (CIFAR-sized data, not ImageNet) and its images share
+            one size. The images and augmentation are the same either way.
     """
     _check_split(split)
     augment = split == "train" if augment is None else augment
@@ -352,22 +360,67 @@ def load_dataset(
         raise _unknown(spec)
     if not isinstance(spec, (str, os.PathLike)):
         raise _unknown(spec)
-    if transform is None:
-        if augment:
-            size = image_size or 32
-            ops = [v2.ToImage()]
-            if image_size is not None:
-                ops += [v2.Resize(size), v2.CenterCrop(size)]
-            transform = v2.Compose(ops + [train_transform(size)])
-        else:
-            transform = eval_transform(image_size)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(
             f"dataset path {os.fspath(spec)!r} does not exist (a --data / spec is one of "
             f"{', '.join(DATASETS)} or an existing ImageFolder directory)"
         )
+    if transform is None and in_memory is not False:
+        folder = _image_folder(path, split, None)
+        decoded = _decoded_folder(folder, image_size, required=bool(in_memory))
+        if decoded is not None:
+            images, labels = decoded
+            size = images.shape[-1]
+            return TensorImageDataset(images, labels, train_transform(size) if augment else None,
+                                      classes=tuple(folder.classes))
+    if transform is None:
+        if augment:
+            size = image_size or 32
+            transform = v2.Compose(_fit_to_size(image_size) + [train_transform(size)])
+        else:
+            transform = eval_transform(image_size)
     return _image_folder(path, split, transform)
+
+
+IN_MEMORY_LIMIT_BYTES = 2 << 30
+"""Largest decoded ImageFolder split :func:`load_dataset` holds in memory by default (2 GiB:
+CIFAR-10's 50,000 training images take 154 MB)."""
+
+
+def _fit_to_size(image_size: int | None) -> list[Any]:
+    """PIL image → uint8 tensor, resized and centre-cropped to ``image_size`` when given."""
+    ops: list[Any] = [v2.ToImage()]
+    if image_size is not None:
+        ops += [v2.Resize(image_size), v2.CenterCrop(image_size)]
+    return ops
+
+
+def _decoded_folder(folder: Any, image_size: int | None, required: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """All images of an ImageFolder as one uint8 (N, C, H, W) tensor and their labels, or
+    None (unless ``required``) when they would exceed :data:`IN_MEMORY_LIMIT_BYTES` or differ
+    in size. Decoded by a thread pool (PIL releases the GIL while decoding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    to_tensor = v2.Compose(_fit_to_size(image_size))
+
+    def decode(index: int) -> torch.Tensor:
+        return to_tensor(folder.loader(folder.samples[index][0]))
+
+    first = decode(0)
+    too_big = first.numel() * len(folder) > IN_MEMORY_LIMIT_BYTES
+    if too_big and not required:
+        return None
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(decode, range(len(folder))))
+    if any(image.shape != first.shape for image in images):
+        if required:
+            raise ValueError(f"in_memory=True needs images of one size; {folder.root!r} has "
+                             "several: pass image_size to resize them")
+        return None
+    labels = torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
+    return torch.stack(images), labels
 
 
 def _torchvision(name: str, split: str, data_dir, transform, download: bool) -> Dataset:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 import torch
@@ -15,16 +15,20 @@ T = TypeVar("T")
 
 
 class FoldCache(Generic[T]):
-    """One value folded at a scalar λ, reused while neither λ nor any tensor it was computed
-    from changed.
+    """One value folded at a scalar λ (or any other hashable ``key``), reused while neither
+    the key nor any tensor it was computed from changed.
 
-    A tensor counts as changed when its storage (``data_ptr``: ``.to()``, a dtype or device
-    move) or its version counter (every in-place write: optimizer steps, ``load_state_dict``,
-    ``copy_``) differs. Writes through ``.data`` bypass version counters; call
-    ``model.clear_fold_caches()`` after such a write. Values made under
-    ``torch.inference_mode`` are kept apart from the others (they cannot be saved for a
-    backward pass). Computed under ``torch.no_grad``: a cached value carries no gradient to
-    the tensors it came from.
+    A source tensor counts as unchanged only when it is the same tensor object (the cache
+    holds it, so its ``id`` cannot be reused by a new tensor meanwhile), with the same storage
+    (``data_ptr``: ``.to()``, a dtype or device move change it) and the same version counter
+    (every in-place write: optimizer steps, ``load_state_dict``, ``copy_``). A source may
+    therefore be the value another cache serves (a parametrization chain), but a tensor made
+    afresh each forward never hits. Writes through ``.data`` bypass version counters; call
+    ``model.clear_fold_caches()`` after such a write. Inference tensors have no version
+    counter: they match by object and storage (their only in-place writers would be ours).
+    Values made under ``torch.inference_mode`` are kept apart from the others (they cannot be
+    saved for a backward pass). Computed under ``torch.no_grad``: a cached value carries no
+    gradient to the tensors it came from.
     """
 
     def __init__(self) -> None:
@@ -32,19 +36,44 @@ class FoldCache(Generic[T]):
 
     def clear(self) -> None:
         self._key: tuple | None = None
+        self._held: tuple[torch.Tensor, ...] = ()
         self._value: T | None = None
+        self._slots: list[tuple[dict, str]] | None = None
 
-    def get(self, lam: float, sources: Iterable[torch.Tensor], compute: Callable[[], T]) -> T:
-        key = (lam, torch.is_inference_mode_enabled(),
-               *((t.data_ptr(), t._version) for t in sources))
-        if key != self._key:
+    def get(self, key: Hashable, sources: Sequence[torch.Tensor], compute: Callable[[], T], *,
+            module: nn.Module | None = None) -> T:
+        """The cached value for ``key`` and ``sources`` (plus every parameter and buffer of
+        ``module``), or ``compute()`` (under no_grad)."""
+        if module is not None:
+            sources = [*sources, *self._tensors_of(module)]
+        full_key = (key, torch.is_inference_mode_enabled(), _signature(sources))
+        if full_key != self._key:
             with torch.no_grad():
                 self._value = compute()
-            self._key = key
+            self._key, self._held = full_key, tuple(sources)
         return self._value  # type: ignore[return-value]
+
+    def _tensors_of(self, module: nn.Module) -> list[torch.Tensor]:
+        # Where each parameter and buffer lives (its module's own dict and name) is found
+        # once, not by a walk of the module tree every forward; a tensor assigned anew under
+        # that name is still seen. clear() finds them again (after adding tensors).
+        if self._slots is None:
+            self._slots = [(table, name) for sub in module.modules()
+                           for table in (sub._parameters, sub._buffers)
+                           for name, tensor in table.items() if tensor is not None]
+        return [table[name] for table, name in self._slots]
 
     def __deepcopy__(self, memo: dict) -> FoldCache[T]:
         return FoldCache()  # a copy starts empty: its tensors are new
+
+
+def _signature(sources: Sequence[torch.Tensor]) -> tuple:
+    """(object, storage, version) of each tensor: one flat tuple, compared in C."""
+    try:
+        return tuple([(id(t), t.data_ptr(), t._version) for t in sources])
+    except RuntimeError:  # an inference tensor has no version counter
+        return tuple([(id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
+                      for t in sources])
 
 
 class ConditionedModule(nn.Module):

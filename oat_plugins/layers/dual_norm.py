@@ -71,12 +71,12 @@ class DualNorm(ConditionedModule):
             return self._interpolated(x)
         if self.condition.is_scalar:
             return (self.clean if self.condition.lam == 0 else self.robust)(x)
-        clean = self.condition.clean_mask(x)
-        n_clean = int(clean.sum())
+        n_clean = self.condition.clean_count(x)
         if n_clean == x.shape[0]:
             return self.clean(x)
         if n_clean == 0:
             return self.robust(x)
+        clean = self.condition.clean_mask(x)
         from_clean, from_robust = self.clean(x[clean]), self.robust(x[~clean])
         # Under autocast a norm may return float32 for half inputs (GroupNorm, LayerNorm):
         # the combined output takes the branches' dtype, not the input's.
@@ -107,9 +107,8 @@ class DualNorm(ConditionedModule):
         if not self.training and self.condition.serves_folded:
             # The export's own module (branch with FiLM folded into its affine), built once
             # per λ: a plain norm's cost. Eval mode only: a copy must not track statistics.
-            sources = [*self.parameters(), *self.buffers()]
-            return self._folded.get(self.condition.lam, sources,
-                                    lambda: self.fold().requires_grad_(False))(x)
+            return self._folded.get(self.condition.lam, (),
+                                    lambda: self.fold().requires_grad_(False), module=self)(x)
         x = self._normalise(x)
         if self.post is not None:
             x = self.post(x)

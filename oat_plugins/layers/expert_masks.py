@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..condition import Condition
-from .base import ConditionedParametrization, parametrizations_of
+from .base import ConditionedParametrization, FoldCache, parametrizations_of
 
 LAMBDA_RULES = ("blend", "switch")
 """How the effective weight depends on an intermediate λ (see :class:`ExpertMasks`)."""
@@ -56,6 +56,7 @@ class ExpertMasks(ConditionedParametrization):
             # a copy each: the two buffers must never share storage (set_masks writes both)
             self.register_buffer(name, mask.to(dtype=torch.bool, device=device or mask.device,
                                                copy=True))
+        self._folded: FoldCache[torch.Tensor] = FoldCache()
 
     def coefficient(self, lam: float) -> torch.Tensor:
         """M(λ): a boolean mask at λ ∈ {0, 1} (and for ``'switch'``), else a float one."""
@@ -80,7 +81,14 @@ class ExpertMasks(ConditionedParametrization):
                 "sample within a batch); ConditionalModel runs one forward per λ group")
         if self.pending:  # measuring saliency: the dense weight on both paths
             return weight
-        return weight * self.coefficient(self.condition.lam).to(weight.dtype)
+        lam = self.condition.lam
+        if self.condition.serves_folded:  # no gradient wanted: mask once per λ
+            return self._folded.get(lam, (weight, self.clean, self.adversarial),
+                                    lambda: self._masked(weight, lam))
+        return self._masked(weight, lam)
+
+    def _masked(self, weight: torch.Tensor, lam: float) -> torch.Tensor:
+        return weight * self.coefficient(lam).to(weight.dtype)
 
     @torch.no_grad()
     def set_masks(self, clean: torch.Tensor, adversarial: torch.Tensor) -> None:

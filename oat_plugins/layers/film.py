@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..condition import Condition
-from .base import ConditionedModule
+from .base import ConditionedModule, FoldCache
 
 
 class FiLM(ConditionedModule):
@@ -41,11 +41,19 @@ class FiLM(ConditionedModule):
         if identity_init:
             nn.init.zeros_(self.net[2].weight)
             nn.init.zeros_(self.net[2].bias)
+        self._folded: FoldCache[tuple[torch.Tensor, torch.Tensor]] = FoldCache()
 
     def affine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(γ, β), each (B, C), for the current λ (B = 1 for a scalar λ)."""
         # The λ code is computed once per λ (float32) and shared by every FiLM of the model.
         code = self.condition.cached(("film-encoding", id(self.encoder)), x, self.encoder)
+        if self.condition.weights_constant:
+            # e.g. inside an attack at a per-sample λ: γ, β once per λ, not every forward (the
+            # code is a new tensor whenever λ or the batch size changes)
+            return self._folded.get(None, (code,), lambda: self._affine(code), module=self.net)
+        return self._affine(code)
+
+    def _affine(self, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gamma, beta = self.net(code.to(self.net[0].weight.dtype)).chunk(2, dim=1)
         if self.identity_init:
             return 1 + gamma, beta

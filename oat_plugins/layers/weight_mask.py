@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import FoldableParametrization, parametrizations_of
+from .base import FoldableParametrization, FoldCache, parametrizations_of
 
 
 class WeightMask(FoldableParametrization):
@@ -23,6 +23,10 @@ class WeightMask(FoldableParametrization):
     ``mask=None`` creates a *pending* mask (all ones) for masks that need data to be chosen
     (e.g. SNIP saliency): the forward raises until :meth:`set_mask` is called. The pending
     flag is saved in the checkpoint.
+
+    When no gradient can reach the weight, the masked weight is cached per input weight
+    (:class:`~oat_plugins.layers.base.FoldCache`): after a folded W + α·λ·η, the whole
+    chain costs nothing per forward at a scalar λ.
     """
 
     def __init__(self, shape: Sequence[int], mask: torch.Tensor | None = None,
@@ -34,6 +38,7 @@ class WeightMask(FoldableParametrization):
         if tuple(mask.shape) != tuple(shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(shape)}")
         self.register_buffer("mask", mask.to(dtype=torch.bool, device=device or mask.device))
+        self._masked: FoldCache[torch.Tensor] = FoldCache()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.pending:
@@ -42,7 +47,12 @@ class WeightMask(FoldableParametrization):
                 "such as prune='snip' needs a batch): call model.method.prepare(model, x, y) "
                 "(oat_plugins.train.fit does) first"
             )
-        return weight * self.mask
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return weight * self.mask
+        # No gradient can reach the weight through the product (no_grad, inference mode, or
+        # an input already folded at a scalar λ, e.g. inside model.frozen()): mask it once
+        # per input weight instead of every forward.
+        return self._masked.get(None, (weight, self.mask), lambda: weight * self.mask)
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor) -> None:
