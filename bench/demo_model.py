@@ -130,12 +130,12 @@ def reproduction_error(trained: nn.Module, reloaded: nn.Module, test: Dataset,
     return worst
 
 
-def card(args: argparse.Namespace, result: SweepResult, path: Path, seconds: float,
-         error: float, described: str, device: torch.device) -> dict[str, Any]:
+def card(args: argparse.Namespace, argv: list[str], result: SweepResult, path: Path,
+         seconds: float, error: float, described: str, device: torch.device) -> dict[str, Any]:
     """What the model is, how it was made (the exact command) and what it measured."""
     config = train_config(args)
     return {
-        "command": "python " + shlex.join(["bench/demo_model.py", *sys.argv[1:]]),
+        "command": "python " + shlex.join(["bench/demo_model.py", *argv]),
         "model": args.model, "model_kwargs": args.model_kwargs, "method": args.method,
         "data": described,
         "train": {"epochs": config.epochs, "max_steps": config.max_steps,
@@ -161,6 +161,7 @@ def sha256(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(reloaded, test, args.lambdas, attack=args.attack, steps=args.steps,
                       n_examples=args.n_examples, subset_seed=0, seed=args.seed,
                       progress=not args.no_progress)
-    info = card(args, result, path, seconds, error, described, device)
+    info = card(args, argv, result, path, seconds, error, described, device)
     atomic_write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", out / CARD_FILE)
     print(json.dumps(info, indent=2, ensure_ascii=False))
     print(result.to_markdown())
