@@ -36,12 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from tradeoff import DEFAULT_TARBALL, load_data  # noqa: E402
+
 import oat_plugins  # noqa: E402
 from oat_plugins._io import atomic_write_text  # noqa: E402
 from oat_plugins.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from oat_plugins.evaluate import SweepResult, evaluate  # noqa: E402
 from oat_plugins.train import TrainConfig, fit  # noqa: E402
-from tradeoff import DEFAULT_TARBALL, load_data  # noqa: E402
 
 logger = logging.getLogger("bench.demo_model")
 
