@@ -20,6 +20,9 @@ from ._common import json_object, number, parse_lambdas, positive_int, positive_
 logger = logging.getLogger(__name__)
 
 FINAL_LAMBDAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+ROBUSTBENCH_PREFIX = "robustbench:"
+ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "bundled": "cifar10", "cifar100": "cifar100"}
+"""--data values a RobustBench zoo model can train on, and the zoo's name of their dataset."""
 
 
 def training_lambdas(text: str) -> tuple[float, ...]:
@@ -59,8 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "as the long flags: epochs, model-kwargs, option: {KEY: VALUE}, ...); "
                         "flags given on the command line override it")
     parser.add_argument("--model", default=None,
-                        help="timm model name, e.g. resnet18 (created with the data's classes); "
-                        "required, here or in --config")
+                        help="timm model name, e.g. resnet18 (created with the data's classes), or "
+                        "robustbench:NAME for a RobustBench zoo model; required, here or in "
+                        "--config")
+    parser.add_argument("--robustbench-dir", default="models", metavar="DIR",
+                        help="with --model robustbench:NAME (a RobustBench zoo model, e.g. "
+                        "robustbench:Carmon2019Unlabeled): where robustbench keeps its weights "
+                        "(DIR/cifar10/Linf/NAME.pt, downloaded when missing)")
     parser.add_argument("--model-kwargs", type=json_object, default=None, metavar="JSON",
                         help='extra timm.create_model kwargs, e.g. \'{"drop_rate": 0.1}\'')
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
@@ -178,15 +186,8 @@ def run(args: argparse.Namespace) -> int:
         eval_data = datasets.load_dataset(args.data, "test", data_dir=args.data_dir,
                                           download=download, image_size=args.image_size)
         eval_data = datasets.balanced_subset(eval_data, args.eval_samples, args.seed)
-    model_kwargs = dict(args.model_kwargs or {})
-    model_kwargs.setdefault("num_classes", datasets.num_classes(args.data, args.data_dir))
-    stats = datasets.dataset_stats(args.data)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
-    import timm
-
-    backbone = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
-    model = oat_plugins.wrap(backbone, args.method, normalize=stats or "auto",
-                             model_kwargs=model_kwargs, **_method_options(args))
+    model = _wrapped_model(args)
     result = fit(model, train_data, config, args.out, resume=args.resume, eval_data=eval_data)
     if result["stopped_by"] in STOP_SIGNALS:
         return _report_stop(result)
@@ -218,6 +219,49 @@ def print_tradeoff(model: Any, eval_data: Any, args: argparse.Namespace) -> None
     print(f"\ntrade-off on {result.rows[0].n} test images of {args.data}:\n")
     print(result.to_markdown())
     print(f"wrote {out / 'tradeoff.json'} and {out / 'tradeoff.png'}")
+
+
+def _wrapped_model(args: argparse.Namespace) -> Any:
+    """The backbone of --model (a timm name, or ``robustbench:NAME``), wrapped by --method."""
+    import oat_plugins
+    from oat_plugins import data as datasets
+
+    options = _method_options(args)
+    if args.model.startswith(ROBUSTBENCH_PREFIX):
+        backbone = robustbench_model(args.model.removeprefix(ROBUSTBENCH_PREFIX), args)
+        # A zoo model takes [0, 1] images and normalises inside (RobustBench's convention).
+        return oat_plugins.wrap(backbone, args.method, normalize=None, **options)
+    import timm
+
+    model_kwargs = dict(args.model_kwargs or {})
+    model_kwargs.setdefault("num_classes", datasets.num_classes(args.data, args.data_dir))
+    backbone = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+    return oat_plugins.wrap(backbone, args.method,
+                            normalize=datasets.dataset_stats(args.data) or "auto",
+                            model_kwargs=model_kwargs, **options)
+
+
+def robustbench_model(name: str, args: argparse.Namespace) -> Any:
+    """A model of RobustBench's zoo (L∞) for --data's dataset, with its robust weights:
+    ``robustbench.utils.load_model`` reads ``--robustbench-dir/<dataset>/Linf/<name>.pt`` and
+    downloads it first when it is not there."""
+    from oat_plugins.robustbench import compat
+
+    if args.model_kwargs or args.pretrained:
+        raise ValueError("--model-kwargs and --pretrained do not apply to a robustbench: model "
+                         "(the zoo fixes its architecture and weights)")
+    dataset = ROBUSTBENCH_DATASETS.get(str(args.data).lower())
+    if dataset is None:
+        raise ValueError(f"a robustbench: model needs --data among "
+                         f"{', '.join(ROBUSTBENCH_DATASETS)}, got {args.data!r}")
+    compat.install()
+    from robustbench.utils import load_model
+
+    try:
+        return load_model(name, model_dir=args.robustbench_dir, dataset=dataset,
+                          threat_model="Linf")
+    except KeyError:
+        raise ValueError(f"{name!r} is not in RobustBench's {dataset} Linf model zoo") from None
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
