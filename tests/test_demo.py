@@ -60,7 +60,7 @@ def test_demo_sweeps_exports_and_finetunes(tiny_demo_model, tmp_path, capsys):
     assert "clean before → after" in printed
     result = SweepResult.from_json(out / "metrics.json")
     assert result.lambdas == [0.0, 0.5, 1.0] and all(r.n == 16 for r in result)
-    assert (out / "tradeoff.png").is_file()
+    assert (out / "tradeoff.png").is_file() and (out / "model.pt").is_file()
     plain = oat_plugins.load_exported(out / "model_lam0.6.pt")
     with torch.no_grad():
         assert sum(p.numel() for p in plain.parameters()) < \

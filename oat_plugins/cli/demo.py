@@ -34,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "beside it gives the command and its measured numbers), sweep λ on the bundled "
         "CIFAR-10 test sample under PGD, print the table and the dial check, export the model "
         "at --export-lambda and compare the export with the conditional model, then "
-        "fine-tune it on the bundled training sample. Writes metrics.json, metrics.csv, "
-        "tradeoff.png, the export and the fine-tuned model into --out.",
+        "fine-tune it on the bundled training sample. Writes model.pt (the swept model), "
+        "metrics.json, metrics.csv, tradeoff.png, the export and finetune/model.pt into --out.",
         epilog="example: oat-plugins demo --out runs/demo",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -73,13 +73,15 @@ def run(args: argparse.Namespace) -> int:
     print(provenance(card, model))
     test = load_dataset("bundled", "test")
     before = sweep(model, test, args)
+    oat_plugins.save(model, out / "model.pt")  # the swept model, for eval / export / info
     before.to_json(out / "metrics.json")
     before.to_csv(out / "metrics.csv")
     before.plot(out / "tradeoff.png", label=f"{card['model']} + {card['method']}",
                 title=f"bundled CIFAR-10 test sample, {before.meta['attack']}")
     print(f"\nλ sweep on {before.rows[0].n} bundled CIFAR-10 test images (JPEG q75):\n")
     print(before.to_markdown())
-    print(f"wrote {out / 'metrics.json'}, {out / 'metrics.csv'}, {out / 'tradeoff.png'}\n")
+    print(f"wrote {out / 'model.pt'}, {out / 'metrics.json'}, {out / 'metrics.csv'}, "
+          f"{out / 'tradeoff.png'}\n")
     print(export_report(model, args.export_lambda, test, out))
     if args.finetune_steps:
         finetune(model, test, args, out, before)
