@@ -193,7 +193,8 @@ def finetune(model: Any, test: Any, args: argparse.Namespace, out: Path, before:
                          steps=1, seed=args.seed, max_steps=args.finetune_steps, log_every=0,
                          progress=not args.no_progress)
     print(f"\nfine-tuning {args.finetune_steps} steps on the {len(train):,} bundled training "
-          f"images (FGSM-RS, lr {args.finetune_lr:g}, the method's λ sampler) ...")
+          f"images (FGSM-RS, lr {args.finetune_lr:g}, the method's λ sampler; they stand in for "
+          "your data, and the model has seen them: they are part of CIFAR-10's training set) ...")
     model.train()
     fit(model, train, config, out / "finetune")
     model.eval()
