@@ -89,13 +89,28 @@ def test_config_flags_override_file_and_unknown_keys_are_one_line(tmp_path, caps
     assert "must hold a mapping" in capsys.readouterr().err
 
 
-def test_wrapped_zoo_model_keeps_its_function(tmp_path):
-    """Before any training, both ends of the wrapped zoo model are the zoo model."""
+def _wide_resnet() -> torch.nn.Module:
+    """RobustBench's WideResNet class (the zoo's WRN-28-10 and kin), at depth 10, width 1."""
+    compat.install()
+    from robustbench.model_zoo.architectures.wide_resnet import WideResNet
+
+    return WideResNet(depth=10, widen_factor=1)
+
+
+def _zoo_model(tmp_path: Path) -> torch.nn.Module:
+    """Wong2020Fast's PreActResNet-18 as robustbench.utils.load_model returns it."""
     _zoo_checkpoint(tmp_path)
     from robustbench.utils import load_model
 
-    zoo = load_model("Wong2020Fast", model_dir=tmp_path, dataset="cifar10",
-                     threat_model="Linf")
+    return load_model("Wong2020Fast", model_dir=tmp_path, dataset="cifar10", threat_model="Linf")
+
+
+@pytest.mark.parametrize("build", [_zoo_model, lambda _: _wide_resnet()],
+                         ids=["load_model-Wong2020Fast", "WideResNet-10-1"])
+def test_wrapped_zoo_model_keeps_its_function(build, tmp_path):
+    """Before any training, both ends of a wrapped zoo model are the zoo model."""
+    torch.manual_seed(0)
+    zoo = build(tmp_path).eval()
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         expected = zoo(x)
