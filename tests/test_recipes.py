@@ -118,3 +118,12 @@ def test_wrapped_zoo_model_keeps_its_function(build, tmp_path):
         for lam in (0.0, 1.0):
             with model.at(lam):
                 assert torch.allclose(model(x), expected, atol=1e-4)
+
+
+def test_unknown_zoo_model_is_one_line(tmp_path, capsys):
+    assert main(["train", "--model", "robustbench:NoSuchModel2099", "--method", "film",
+                 "--data", "bundled", "--robustbench-dir", str(tmp_path), "--eval-samples", "0",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("oat-plugins train: error: 'NoSuchModel2099' is not in RobustBench's cifar10 "
+                   "Linf model zoo")
