@@ -42,7 +42,7 @@ import oat_plugins  # noqa: E402
 from oat_plugins._io import atomic_write_text  # noqa: E402
 from oat_plugins.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from oat_plugins.evaluate import SweepResult, evaluate  # noqa: E402
-from oat_plugins.train import TrainConfig, fit  # noqa: E402
+from oat_plugins.train import STOP_SIGNALS, TrainConfig, fit  # noqa: E402
 
 logger = logging.getLogger("bench.demo_model")
 
@@ -107,14 +107,19 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 def train(args: argparse.Namespace, train_data: Dataset, test: Dataset,
           run_dir: Path) -> oat_plugins.ConditionalModel:
-    """The conditional model trained with ``fit`` (resumes an interrupted run in run_dir)."""
+    """The conditional model trained with ``fit`` (resumes an interrupted run in run_dir);
+    a run stopped by SIGTERM / SIGINT exits here, so a half-trained model is never saved."""
     kwargs = dict(args.model_kwargs, num_classes=10)
     if "channels" in kwargs:
         kwargs["channels"] = tuple(kwargs["channels"])
     torch.manual_seed(args.seed)
     model = oat_plugins.wrap(timm.create_model(args.model, **kwargs), args.method,
                              normalize=(CIFAR10_MEAN, CIFAR10_STD), model_kwargs=kwargs)
-    fit(model, train_data, train_config(args), run_dir, resume=True, eval_data=test)
+    result = fit(model, train_data, train_config(args), run_dir, resume=True, eval_data=test)
+    if result["stopped_by"] in STOP_SIGNALS:
+        raise SystemExit(f"training stopped by {result['stopped_by']} at step "
+                         f"{result['global_step']}; the same command resumes it from "
+                         f"{result['checkpoint']}")
     return model.eval()
 
 
