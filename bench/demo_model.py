@@ -106,9 +106,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def train(args: argparse.Namespace, train_data: Dataset, test: Dataset,
-          run_dir: Path) -> oat_plugins.ConditionalModel:
-    """The conditional model trained with ``fit`` (resumes an interrupted run in run_dir);
-    a run stopped by SIGTERM / SIGINT exits here, so a half-trained model is never saved."""
+          run_dir: Path) -> tuple[oat_plugins.ConditionalModel, float]:
+    """The conditional model trained with ``fit`` (resumes an interrupted run in run_dir) and
+    its training seconds, the parts before a resume included; a run stopped by SIGTERM /
+    SIGINT exits here, so a half-trained model is never saved."""
+    started = time.perf_counter()
     kwargs = dict(args.model_kwargs, num_classes=10)
     if "channels" in kwargs:
         kwargs["channels"] = tuple(kwargs["channels"])
@@ -120,7 +122,8 @@ def train(args: argparse.Namespace, train_data: Dataset, test: Dataset,
         raise SystemExit(f"training stopped by {result['stopped_by']} at step "
                          f"{result['global_step']}; the same command resumes it from "
                          f"{result['checkpoint']}")
-    return model.eval()
+    epochs_seconds = sum(record.get("seconds", 0.0) for record in result["history"])
+    return model.eval(), max(epochs_seconds, time.perf_counter() - started)
 
 
 def save_compact(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
@@ -188,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_data, test, described = load_data(args.data)
-    started = time.perf_counter()
-    model = train(args, train_data, test, out / "train")
-    seconds = time.perf_counter() - started
+    model, seconds = train(args, train_data, test, out / "train")
     path = out / MODEL_FILE
     save_compact(model, path, getattr(torch, args.dtype))
     device = next(model.parameters()).device
