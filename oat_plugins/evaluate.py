@@ -400,6 +400,8 @@ def plot_tradeoff(
                    color=f"C{(len(curves) + j) % 10}", zorder=3)
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel("robust accuracy (%)")
+    ax.set_xlim(0, 100)  # honest axes: a zoomed axis makes a 1-point change look like a trade-off
+    ax.set_ylim(0, 100)
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from ._config import with_config
+
 COMMANDS: tuple[str, ...] = (
     "train",
     "eval",
@@ -74,13 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
+        if getattr(args, "config", None) is not None:  # the file's options, then the command line's
+            args = parser.parse_args(with_config(argv, args))
         return int(args.func(args) or 0)
     except Exception as err:
         if debug or not is_user_error(err):

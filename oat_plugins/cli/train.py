@@ -19,6 +19,11 @@ from ._common import json_object, number, parse_lambdas, positive_int, positive_
 
 logger = logging.getLogger(__name__)
 
+FINAL_LAMBDAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+ROBUSTBENCH_PREFIX = "robustbench:"
+ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "bundled": "cifar10", "cifar100": "cifar100"}
+"""--data values a RobustBench zoo model can train on, and the zoo's name of their dataset."""
+
 
 def training_lambdas(text: str) -> tuple[float, ...]:
     """A comma-separated list of training λ values in [0, 1] with at least one λ > 0."""
@@ -52,13 +57,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "`torchrun --nproc_per_node N` it trains with DistributedDataParallel.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True,
-                        help="timm model name, e.g. resnet18 (created with the data's classes)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="a YAML file of these options (e.g. examples/recipes/*.yaml; keys "
+                        "as the long flags: epochs, model-kwargs, option: {KEY: VALUE}, ...); "
+                        "flags given on the command line override it")
+    parser.add_argument("--model", default=None,
+                        help="timm model name, e.g. resnet18 (created with the data's classes), or "
+                        "robustbench:NAME for a RobustBench zoo model; required, here or in "
+                        "--config")
+    parser.add_argument("--robustbench-dir", default="models", metavar="DIR",
+                        help="with --model robustbench:NAME (a RobustBench zoo model, e.g. "
+                        "robustbench:Carmon2019Unlabeled): where robustbench keeps its weights "
+                        "(DIR/cifar10/Linf/NAME.pt, downloaded when missing)")
     parser.add_argument("--model-kwargs", type=json_object, default=None, metavar="JSON",
                         help='extra timm.create_model kwargs, e.g. \'{"drop_rate": 0.1}\'')
-    parser.add_argument("--pretrained", action="store_true",
+    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                         help="start from timm's pretrained weights (downloads them)")
-    parser.add_argument("--method", required=True, help="conditioning method, e.g. film")
+    parser.add_argument("--method", default=None,
+                        help="conditioning method, e.g. film; required, here or in --config")
     parser.add_argument("--option", type=_option, action="append", default=[],
                         metavar="KEY=VALUE",
                         help="a method option (JSON value), repeatable, e.g. encoding=\"scalar\"")
@@ -109,7 +125,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "CPU); the attack runs under autocast only with bfloat16")
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole run")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", default=None,
+                        help="output directory; required, here or in --config")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT/last.pt when it exists")
     parser.add_argument("--max-steps", type=positive_int, default=None,
@@ -120,6 +137,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         metavar="M", help="also write OUT/last.pt every M minutes")
     parser.add_argument("--log-every", type=int, default=50, metavar="N",
                         help="log the loss every N steps (0: once per epoch)")
+    parser.add_argument("--final-lambdas", type=parse_lambdas, default=FINAL_LAMBDAS,
+                        metavar="LIST", help="λ values of the final trade-off table")
+    parser.add_argument("--final-steps", type=int, default=10, metavar="N",
+                        help="PGD-N (at --eps) on the --eval-samples test images for the final "
+                        "trade-off table (0: no table)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -133,6 +155,11 @@ def run(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         logging.getLogger().setLevel(logging.WARNING)
+    missing = [f"--{name}" for name in ("model", "method", "out") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (on the command line or in --config)")
+    if args.final_steps < 0:
+        raise ValueError(f"--final-steps must be >= 0, got {args.final_steps}")
     if args.eval_samples < 0:
         raise ValueError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     if args.num_workers < 0:
@@ -159,15 +186,8 @@ def run(args: argparse.Namespace) -> int:
         eval_data = datasets.load_dataset(args.data, "test", data_dir=args.data_dir,
                                           download=download, image_size=args.image_size)
         eval_data = datasets.balanced_subset(eval_data, args.eval_samples, args.seed)
-    model_kwargs = dict(args.model_kwargs or {})
-    model_kwargs.setdefault("num_classes", datasets.num_classes(args.data, args.data_dir))
-    stats = datasets.dataset_stats(args.data)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
-    import timm
-
-    backbone = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
-    model = oat_plugins.wrap(backbone, args.method, normalize=stats or "auto",
-                             model_kwargs=model_kwargs, **_method_options(args))
+    model = _wrapped_model(args)
     result = fit(model, train_data, config, args.out, resume=args.resume, eval_data=eval_data)
     if result["stopped_by"] in STOP_SIGNALS:
         return _report_stop(result)
@@ -181,7 +201,67 @@ def run(args: argparse.Namespace) -> int:
               f"{' (stopped at --max-steps)' if not result['finished'] else ''}; "
               f"{summary or 'no completed epoch'}\nwrote {path} and "
               f"{result['checkpoint']}")
+        if eval_data is not None and args.final_steps:
+            print_tradeoff(model, eval_data, args)
     return 0
+
+
+def print_tradeoff(model: Any, eval_data: Any, args: argparse.Namespace) -> None:
+    """The final summary: clean and PGD accuracy at each --final-lambdas on the evaluation
+    images, the dial check, and OUT/tradeoff.json / .png."""
+    from oat_plugins.evaluate import evaluate
+
+    result = evaluate(model, eval_data, args.final_lambdas, attack="pgd", eps=args.eps,
+                      steps=args.final_steps, progress=not args.no_progress, log_rows=False)
+    out = Path(args.out)
+    result.to_json(out / "tradeoff.json")
+    result.plot(out / "tradeoff.png", label=f"{args.model} + {args.method}")
+    print(f"\ntrade-off on {result.rows[0].n} test images of {args.data}:\n")
+    print(result.to_markdown())
+    print(f"wrote {out / 'tradeoff.json'} and {out / 'tradeoff.png'}")
+
+
+def _wrapped_model(args: argparse.Namespace) -> Any:
+    """The backbone of --model (a timm name, or ``robustbench:NAME``), wrapped by --method."""
+    import oat_plugins
+    from oat_plugins import data as datasets
+
+    options = _method_options(args)
+    if args.model.startswith(ROBUSTBENCH_PREFIX):
+        backbone = robustbench_model(args.model.removeprefix(ROBUSTBENCH_PREFIX), args)
+        # A zoo model takes [0, 1] images and normalises inside (RobustBench's convention).
+        return oat_plugins.wrap(backbone, args.method, normalize=None, **options)
+    import timm
+
+    model_kwargs = dict(args.model_kwargs or {})
+    model_kwargs.setdefault("num_classes", datasets.num_classes(args.data, args.data_dir))
+    backbone = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+    return oat_plugins.wrap(backbone, args.method,
+                            normalize=datasets.dataset_stats(args.data) or "auto",
+                            model_kwargs=model_kwargs, **options)
+
+
+def robustbench_model(name: str, args: argparse.Namespace) -> Any:
+    """A model of RobustBench's zoo (L∞) for --data's dataset, with its robust weights:
+    ``robustbench.utils.load_model`` reads ``--robustbench-dir/<dataset>/Linf/<name>.pt`` and
+    downloads it first when it is not there."""
+    from oat_plugins.robustbench import compat
+
+    if args.model_kwargs or args.pretrained:
+        raise ValueError("--model-kwargs and --pretrained do not apply to a robustbench: model "
+                         "(the zoo fixes its architecture and weights)")
+    dataset = ROBUSTBENCH_DATASETS.get(str(args.data).lower())
+    if dataset is None:
+        raise ValueError(f"a robustbench: model needs --data among "
+                         f"{', '.join(ROBUSTBENCH_DATASETS)}, got {args.data!r}")
+    compat.install()
+    from robustbench.utils import load_model
+
+    try:
+        return load_model(name, model_dir=args.robustbench_dir, dataset=dataset,
+                          threat_model="Linf")
+    except KeyError:
+        raise ValueError(f"{name!r} is not in RobustBench's {dataset} Linf model zoo") from None
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
