@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_data, test, described = load_data(args.data)
+    # on a GPU the images stay there as uint8 and are augmented a batch at a time (the same
+    # crop and flip as the CPU transforms), so the loader does not starve the device
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train_data, test, described = load_data(args.data, device=device if device.type == "cuda"
+                                            else None)
     model, seconds = train(args, train_data, test, out / "train")
     path = out / MODEL_FILE
     save_compact(model, path, getattr(torch, args.dtype))

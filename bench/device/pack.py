@@ -4,7 +4,7 @@ device machine (at most ``--max-files`` files in ``--dest``, each at most ``--ma
 
 - ``results.tgz``: every file of ``--results`` except model and checkpoint files (``*.pt``)
   and any file over ``--max-small`` bytes (listed in ``packed.json`` as left out);
-- ``models-<i>.tgz``: the trained models (``model.pt``), in ``--priority`` order (a run whose
+- ``models-<i>.tgz``: the trained models (``model.pt``, ``demo_model.pt``), in ``--priority`` order (a run whose
   folder name contains an earlier entry comes first), as many parts as the file count
   allows, each under the size limit (raw size: compression only shrinks float weights a
   little); the models that did not fit are listed in ``packed.json``.
@@ -22,8 +22,11 @@ import sys
 import tarfile
 from pathlib import Path
 
-PRIORITY = ("film", "float-recipereference", "smart", "float-recipeoat", "float-recipeextremes",
+PRIORITY = ("demo_model", "film", "float-recipereference", "smart", "float-recipeoat", "float-recipeextremes",
             "floats", "pgd-at", "standard")
+
+
+MODEL_FILES = ("model.pt", "demo_model.pt")  # trained models; other *.pt (checkpoints) stay
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dest", required=True)
     p.add_argument("--max-files", type=int, default=8)
     p.add_argument("--max-bytes", type=int, default=16_000_000)
+    p.add_argument("--max-total", type=int, default=62_000_000,
+                   help="all files together (log and results included)")
     p.add_argument("--max-small", type=int, default=2_000_000)
     p.add_argument("--priority", default=",".join(PRIORITY))
     return p.parse_args(argv)
@@ -46,14 +51,17 @@ def rank(path: Path, priority: list[str]) -> tuple[int, str]:
 
 
 def pack_models(models: list[Path], root: Path, dest: Path, parts: int,
-                limit: int) -> tuple[list[str], list[str]]:
-    """Greedy: each model into the first part with room; returns (packed, left out)."""
+                limit: int, total_limit: int) -> tuple[list[str], list[str]]:
+    """Greedy: each model into the first part with room, while all parts together stay under
+    ``total_limit``; returns (packed, left out)."""
     bins: list[list[Path]] = [[] for _ in range(parts)]
     sizes = [0] * parts
     left = []
     for model in models:
         size = model.stat().st_size
         slot = next((i for i in range(parts) if sizes[i] + size <= limit), None)
+        if sum(sizes) + size > total_limit:
+            slot = None
         if slot is None:
             left.append(str(model.relative_to(root)))
             continue
@@ -77,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     small = [p for p in files if p.suffix != ".pt" and p.stat().st_size <= args.max_small]
     big = [str(p.relative_to(root)) for p in files
            if p.suffix != ".pt" and p.stat().st_size > args.max_small]
-    models = sorted((p for p in files if p.name == "model.pt"),
+    models = sorted((p for p in files if p.name in MODEL_FILES),
                     key=lambda p: rank(p.relative_to(root), args.priority.split(",")))
     taken = sum(1 for p in dest.iterdir() if p.is_file() and p.name != "results.tgz")
     parts = max(args.max_files - taken - 1, 0)  # one for results.tgz
-    packed, left = pack_models(models, root, dest, parts, int(0.97 * args.max_bytes))
+    packed, left = pack_models(models, root, dest, parts, int(0.97 * args.max_bytes),
+                               args.max_total - 2_000_000)  # 2 MB: log and results
     report = {"models_packed": packed, "models_left_out": left, "small_files_left_out": big}
     (root / "packed.json").write_text(json.dumps(report, indent=2))
     with tarfile.open(dest / "results.tgz", "w:gz") as archive:

@@ -19,6 +19,8 @@
 # Environment (seconds unless said): TOTAL_S (470), STAGE_A_S (default: all the time the other
 # stages and packing do not reserve), OVERHEAD_S (60), MULTIEXIT_S (60), PACK_S (25);
 # MULTIEXIT_PARALLEL=1 runs stage C beside stage A (same time limit) instead of after B;
+# DEMO_MODEL=1 also trains the demo's checkpoint beside stage A (bench/demo_model.py,
+# DEMO_MODEL_ARGS; results in $RESULTS_DIR/demo_model);
 # STAGE_A_ARGS / OVERHEAD_ARGS / MULTIEXIT_ARGS (extra options), TRADEOFF_ARGS (options for
 # every bench/tradeoff.py run), DEVICE (cuda), PYTHON (python3), SITE (/tmp/site: where the
 # wheels go), CIFAR_DIR (/tmp/cifar),
@@ -127,26 +129,45 @@ if command -v nvidia-smi >/dev/null; then  # GPU load through the stages, every 
   GPU_MON=$!
 fi
 
-# -- A. trade-off models (with C beside it when MULTIEXIT_PARALLEL=1) ------------------------
+# -- A. trade-off models, with the jobs that run beside it ----------------------------------
 RESERVE=0
 has bench/overhead.py --device --quick --out && RESERVE=$(( RESERVE + OVERHEAD_S ))
 ME_PARALLEL=${MULTIEXIT_PARALLEL:-0}
 has bench/multiexit.py --device --out && [ "$ME_PARALLEL" != 1 ] && RESERVE=$(( RESERVE + MULTIEXIT_S ))
 A_S=$(( $(left) - RESERVE ))
 [ -n "${STAGE_A_S:-}" ] && A_S=$(min "$STAGE_A_S" "$(left)")
-ME_PID=
+# beside NAME COMMAND...: start a job that shares the GPU with stage A's runs from their start
+# (so stage A's step timing, and its plan, already count it), under stage A's time limit
+BESIDE=()
+beside() {
+  local name=$1; shift
+  say "$name (beside A): up to ${A_S}s: $*"
+  timeout -k 10 "$A_S" "$@" > "$RES/$name.log" 2>&1 &
+  BESIDE+=("$name:$!")
+}
+await_beside() {
+  local job rc
+  for job in "${BESIDE[@]}"; do
+    wait "${job#*:}"; rc=$?
+    say "${job%%:*} (beside A) ended rc=$rc"; echo "${job%%:*} rc=$rc (beside A)" >> "$RES/stages.txt"
+    tail -n 30 "$RES/${job%%:*}.log"
+  done
+}
 if [ "$ME_PARALLEL" = 1 ] && has bench/multiexit.py --device --out; then
-  # the multi-exit bench shares the GPU with stage A's runs from their start, so stage A's step
-  # timing (and so its plan) already counts it; it gets stage A's time
-  say "multiexit (beside A): up to ${A_S}s"
   # shellcheck disable=SC2086
-  timeout -k 10 "$A_S" "$PY" bench/multiexit.py --device "$DEVICE" --out "$RES/multiexit" \
-    $(data_flag bench/multiexit.py) ${MULTIEXIT_ARGS:-} > "$RES/multiexit.log" 2>&1 &
-  ME_PID=$!
+  beside multiexit "$PY" bench/multiexit.py --device "$DEVICE" --out "$RES/multiexit" \
+    $(data_flag bench/multiexit.py) ${MULTIEXIT_ARGS:-}
+fi
+if [ "${DEMO_MODEL:-0}" = 1 ] && has bench/demo_model.py --device --out; then
+  # the checkpoint `oat-plugins demo` ships, with its card (bench/demo_model.py)
+  # shellcheck disable=SC2086
+  beside demo_model "$PY" bench/demo_model.py --device "$DEVICE" --out "$RES/demo_model" \
+    --data "$CIFAR_DIR" --no-progress ${DEMO_MODEL_ARGS:-}
 fi
 # shellcheck disable=SC2086  # the *_ARGS are word lists
 stage A "$A_S" "$PY" bench/device/stage_a.py --data "$CIFAR_DIR" --out "$RES/stage_a" \
   --budget-s $(( A_S - 10 )) --device "$DEVICE" ${STAGE_A_ARGS:-} -- ${TRADEOFF_ARGS:-}
+await_beside
 
 # -- B, C. optional stages -------------------------------------------------------------------
 if has bench/overhead.py --device --quick --out; then
@@ -156,11 +177,7 @@ if has bench/overhead.py --device --quick --out; then
 else
   say "overhead stage skipped: bench/overhead.py lacks --device/--quick/--out"
 fi
-if [ -n "$ME_PID" ]; then
-  wait "$ME_PID"; rc=$?
-  say "multiexit (beside A) ended rc=$rc"; echo "multiexit rc=$rc (beside A)" >> "$RES/stages.txt"
-  tail -n 40 "$RES/multiexit.log"
-elif has bench/multiexit.py --device --out; then
+if [ "$ME_PARALLEL" != 1 ] && has bench/multiexit.py --device --out; then
   # shellcheck disable=SC2086
   stage multiexit "$(min "$MULTIEXIT_S" "$(left)")" "$PY" bench/multiexit.py --device "$DEVICE" \
     --out "$RES/multiexit" $(data_flag bench/multiexit.py) ${MULTIEXIT_ARGS:-}
