@@ -425,8 +425,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:<index>'")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: torch's; set OMP_NUM_THREADS alike)")
-    parser.add_argument("--sections", default="steps,latency,e2e",
-                        help="comma-separated subset of steps,latency,e2e")
+    parser.add_argument("--sections", default="latency,steps,e2e",
+                        help="comma-separated subset of latency,steps,e2e")
     parser.add_argument("--attack-steps", type=int, default=7)
     parser.add_argument("--lam", type=float, default=0.5, help="λ for the latency rows")
     parser.add_argument("--repeats", type=int, default=5)
@@ -475,32 +475,42 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the same for the plain and conditional rows
     sync = synchronizer(device)
-    sections = set(args.sections.split(","))
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"--sections: unknown {sorted(unknown)}; choose from {list(SECTIONS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[Row] = []
     with tempfile.TemporaryDirectory() as workdir:
         data = unpacked(args.data, Path(workdir)) if "e2e" in sections else None
-        for setting in parse_settings(args.configs):
-            rows += measure(setting, args, device, sync, sections, data)
-            write(out, rows, args, device)  # after each configuration: partial results kept
+        measure_all(parse_settings(args.configs), sections, args, device, sync, data, out)
     print((out / "overhead.md").read_text())
 
 
-def measure(setting: Setting, args, device, sync, sections: set[str], data: str | None
-            ) -> list[Row]:
-    started = time.perf_counter()
-    models = build_models(setting, args.methods.split(","), device)
-    rows = []
-    if "steps" in sections:
-        rows += training_steps(setting, models, args, device, sync)
-    if "latency" in sections:
-        rows += inference_latency(setting, models, args, device, sync)
-    if "e2e" in sections:
-        rows += end_to_end(setting, models, args, device, sync, data)
-    logging.getLogger("overhead").warning("%s measured in %.0f s", setting.name,
-                                          time.perf_counter() - started)
-    return rows
+SECTIONS = ("latency", "steps", "e2e")
+"""In the order they run: the quick ones for every configuration first, so that a run cut
+short by a time limit still has them (results are written after every section)."""
+
+
+def measure_all(settings: list[Setting], sections: list[str], args, device, sync,
+                data: str | None, out: Path) -> None:
+    built: dict[Setting, Models] = {}
+    rows: list[Row] = []
+    for section in (s for s in SECTIONS if s in sections):
+        for setting in settings:
+            started = time.perf_counter()
+            if setting not in built:
+                built[setting] = build_models(setting, args.methods.split(","), device)
+            models = built[setting]
+            if section == "latency":
+                rows += inference_latency(setting, models, args, device, sync)
+            elif section == "steps":
+                rows += training_steps(setting, models, args, device, sync)
+            else:
+                rows += end_to_end(setting, models, args, device, sync, data)
+            write(out, rows, args, device)
+            logging.getLogger("overhead").warning("%s, %s: %.0f s", setting.name, section,
+                                                  time.perf_counter() - started)
 
 
 def write(out: Path, rows: list[Row], args, device: torch.device) -> None:
