@@ -177,7 +177,9 @@ if has bench/overhead.py --device --quick --out; then
 else
   say "overhead stage skipped: bench/overhead.py lacks --device/--quick/--out"
 fi
-if [ "$ME_PARALLEL" != 1 ] && has bench/multiexit.py --device --out; then
+if [ "$ME_PARALLEL" = 1 ]; then
+  :  # ran beside stage A
+elif has bench/multiexit.py --device --out; then
   # shellcheck disable=SC2086
   stage multiexit "$(min "$MULTIEXIT_S" "$(left)")" "$PY" bench/multiexit.py --device "$DEVICE" \
     --out "$RES/multiexit" $(data_flag bench/multiexit.py) ${MULTIEXIT_ARGS:-}
