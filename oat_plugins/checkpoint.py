@@ -117,12 +117,16 @@ def timm_spec(
     patch_embed = getattr(backbone, "patch_embed", None)
     for key in ("img_size", "patch_size"):
         value = getattr(patch_embed, key, None)
-        if not _takes_argument(type(backbone), key):  # e.g. EfficientViT (MSRA): no patch_size
+        takes, default = _argument_default(type(backbone), key)
+        if not takes:  # e.g. EfficientViT (MSRA): no patch_size
             continue
         if isinstance(value, int):  # e.g. XCiT keeps an int
             kwargs[key] = value
         elif value is not None:
-            kwargs[key] = tuple(int(s) for s in value)
+            value = tuple(int(s) for s in value)
+            # NesT computes img_size % patch_size: an int argument gets its int back
+            square = len(set(value)) == 1
+            kwargs[key] = value[0] if square and isinstance(default, int) else value
     kwargs.update(model_kwargs or {})
     spec: dict[str, Any] = {"name": name, "kwargs": kwargs}
     if record_architecture:
@@ -130,13 +134,15 @@ def timm_spec(
     return spec
 
 
-def _takes_argument(cls: type, name: str) -> bool:
-    """Whether ``cls(...)`` accepts the keyword argument ``name``."""
+def _argument_default(cls: type, name: str) -> tuple[bool, Any]:
+    """(whether ``cls(...)`` accepts the keyword argument ``name``, its default or None)."""
     try:
         params = inspect.signature(cls.__init__).parameters
     except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        return True, None
+    if name in params:
+        return True, params[name].default
+    return any(p.kind is p.VAR_KEYWORD for p in params.values()), None
 
 
 def with_model_kwargs(

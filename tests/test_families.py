@@ -140,3 +140,19 @@ def test_film_skips_norms_without_bias_and_exports_metaformer():
     with model.at(0.5), torch.enable_grad():
         expected = model(x).detach()
     torch.testing.assert_close(model.export(0.5)(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_nest_round_trips_its_int_patch_size(tmp_path):
+    """NesT computes ``img_size % patch_size``: the spec gave it its patch embedding's tuple
+    (4, 4) back and load failed with a TypeError."""
+    kwargs = {"img_size": 32, "num_classes": 10}  # nest_tiny fixes its widths and depths
+    model = oat_plugins.wrap(timm.create_model("nest_tiny", **kwargs), "film",
+                             model_kwargs=kwargs)
+    assert model.backbone_spec["kwargs"]["patch_size"] == 4
+    perturb(model)
+    model.eval()
+    oat_plugins.save(model, tmp_path / "nest.pt")
+    loaded = oat_plugins.load(tmp_path / "nest.pt")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
