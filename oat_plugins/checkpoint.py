@@ -43,6 +43,7 @@ with warnings.catch_warnings():
     # torch 2.14: noise for our users.
     warnings.filterwarnings("ignore", message=".*torch.jit.interface", category=FutureWarning)
     import timm
+    from timm.layers import SpaceToDepth
     from torchvision.transforms import Normalize
 
 from ._io import atomic_torch_save
@@ -67,7 +68,8 @@ NormalizeStats = tuple[tuple[float, ...], tuple[float, ...]]
 
 # -- the timm spec -------------------------------------------------------------------------------
 def in_chans_of(backbone: nn.Module) -> int | None:
-    """Input channels of ``backbone``: its timm ``first_conv``, else its first ``Conv2d``."""
+    """Input channels of ``backbone``: those of its timm ``first_conv``, else of its first
+    ``Conv2d``, before any space-to-depth stem."""
     first = getattr(backbone, "pretrained_cfg", {}).get("first_conv")
     try:
         conv = backbone.get_submodule(first) if isinstance(first, str) else None
@@ -75,7 +77,12 @@ def in_chans_of(backbone: nn.Module) -> int | None:
         conv = None
     if conv is None:
         conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
-    return getattr(conv, "in_channels", None)
+    channels = getattr(conv, "in_channels", None)
+    # TResNet's stem moves 4×4 pixel blocks into channels before its first conv (3 -> 48)
+    space_to_depth = next((m for m in backbone.modules() if isinstance(m, SpaceToDepth)), None)
+    if channels is not None and space_to_depth is not None:
+        channels //= space_to_depth.bs**2
+    return channels
 
 
 def architecture_text(backbone: nn.Module) -> str:

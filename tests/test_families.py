@@ -11,10 +11,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import ScaledStdConv2d
+from timm.layers import ScaledStdConv2d, SpaceToDepth
 from torch import nn
 
 import oat_plugins
+from oat_plugins.checkpoint import in_chans_of
 from oat_plugins.layers import DualNorm
 from oat_plugins.layers.conv_film import ConvFiLM, output_scale_parameter
 from oat_plugins.surgery import deepcopy_module, foreign_modules
@@ -156,3 +157,18 @@ def test_nest_round_trips_its_int_patch_size(tmp_path):
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("method", oat_plugins.available_methods())
+def test_space_to_depth_stem_takes_three_channel_images(method):
+    """TResNet moves 4×4 pixel blocks into channels before its first conv: the model took its
+    48 input channels for the image's and refused every (N, 3, H, W) batch."""
+    stem = nn.Sequential(SpaceToDepth(), nn.Conv2d(48, 8, 3, padding=1), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    assert in_chans_of(stem) == 3
+    model = oat_plugins.wrap(stem, method, normalize=None)
+    model.train().set_lambda(torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    logits = model(torch.rand(4, 3, 16, 16))
+    assert logits.shape == (4, 10)
+    F.cross_entropy(logits, torch.arange(4)).backward()
+    assert all(p.grad is not None for p in model.backbone[-1].parameters())
