@@ -31,6 +31,7 @@ import copy
 import json
 import logging
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -173,6 +174,19 @@ def input_config(name: str) -> tuple[dict[str, Any], int, nn.Module]:
     raise RuntimeError(f"runs on no input size up to {default}")
 
 
+def git_commit() -> str:
+    """Short commit of the code under test, with ``+dirty`` for uncommitted changes to tracked
+    files (each row records it: ``--update`` mixes rows of several runs)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def one_line(err: BaseException | None) -> str:
     if err is None:
         return ""
@@ -275,11 +289,11 @@ def run_case(base: nn.Module, kwargs: dict[str, Any], size: int, method: str,
 
 
 def run_family(family: str, methods: list[str], timeout: float, workdir: Path,
-               known: dict[str, Any] | None = None) -> dict[str, Any]:
+               known: dict[str, Any] | None = None, commit: str = "unknown") -> dict[str, Any]:
     """Pick the family's model (or take ``known``: its row in an earlier run) and run every
     method on it."""
     row: dict[str, Any] = {"family": family, "model": None, "params": None, "size": None,
-                           "kwargs": {}, "results": {}}
+                           "kwargs": {}, "commit": commit, "results": {}}
     try:
         with time_limit(timeout):
             if known and known.get("size"):
@@ -322,20 +336,23 @@ def markdown(rows: list[dict[str, Any]], methods: list[str], meta: dict[str, Any
         f"timm {meta['timm']}, torch {meta['torch']}, oat-plugins {meta['oat_plugins']}; "
         f"{len(rows)} families, one model each (fewest parameters), num_classes=10, "
         f"batch {BATCH}, one thread, {meta['timeout']:.0f} s per case. A case passes when the "
-        "model wraps, trains one step at a mixed per-sample λ, exports equal to the model "
+        "model wraps, trains one step (gradient norm clipped to "
+        f"{GRAD_CLIP:g}) at a mixed per-sample λ, exports equal to the model "
         f"(≤ {TOLERANCE}, relative where logits exceed 1) at λ = 0 and 1 after perturbing the "
         "conditioning, and round-trips "
-        "through save/load exactly. Rerun: `python tools/family_coverage.py`.",
+        "through save/load exactly. *commit*: the code each row ran at. "
+        "Rerun: `python tools/family_coverage.py`.",
         "",
-        "| family | model | params | input | " + " | ".join(methods) + " |",
-        "|---|---|---:|---:|" + "---|" * len(methods),
+        "| family | model | params | input | commit | " + " | ".join(methods) + " |",
+        "|---|---|---:|---:|---|" + "---|" * len(methods),
     ]
     for r in rows:
         cells = [("ok" if r["results"][m]["ok"] else f"FAIL ({r['results'][m]['stage']})")
                  + f" {r['results'][m]['seconds']:.0f}s" for m in methods]
         params = f"{r['params'] / 1e6:.2f}M" if r["params"] else "-"
         lines.append(f"| {r['family']} | {r['model'] or '-'} | {params} | "
-                     f"{r['size'] or '-'} | " + " | ".join(cells) + " |")
+                     f"{r['size'] or '-'} | {r.get('commit', 'unknown')} | "
+                     + " | ".join(cells) + " |")
     lines += ["", "## Share of families per method", ""]
     for m, s in shares(rows, methods).items():
         lines.append(f"- {m}: {s['passed']}/{s['total']} ({100 * s['share']:.1f} %)")
@@ -384,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     meta = {"timm": timm.__version__, "torch": torch.__version__,
-            "oat_plugins": oat_plugins.__version__, "timeout": args.timeout,
+            "oat_plugins": oat_plugins.__version__, "commit": git_commit(),
+            "timeout": args.timeout,
             "methods": args.methods}
     known = {}
     if args.models_from:
@@ -397,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     scratch = "/dev/shm" if Path("/dev/shm").is_dir() else None
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         for family in args.families:
-            row = run_family(family, args.methods, args.timeout, Path(tmp), known.get(family))
+            row = run_family(family, args.methods, args.timeout, Path(tmp), known.get(family),
+                             meta["commit"])
             rows.append(row)
             status = "  ".join(f"{m}:{'ok' if res['ok'] else 'FAIL@' + res['stage']}"
                                for m, res in row["results"].items())
