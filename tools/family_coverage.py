@@ -320,12 +320,22 @@ def run_family(family: str, methods: list[str], timeout: float, workdir: Path,
 
 
 def shares(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """Per method: families passed / families it ran on (rows merged by ``--update`` from a
+    run with other methods lack it), and how many it did not run on."""
     out = {}
     for method in methods:
-        passed = sum(r["results"][method]["ok"] for r in rows)
-        out[method] = {"passed": passed, "total": len(rows),
-                       "share": round(passed / max(len(rows), 1), 4)}
+        ran = [r["results"][method] for r in rows if method in r["results"]]
+        passed = sum(res["ok"] for res in ran)
+        out[method] = {"passed": passed, "total": len(ran), "not_run": len(rows) - len(ran),
+                       "share": round(passed / max(len(ran), 1), 4)}
     return out
+
+
+def cell(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "not run"
+    verdict = "ok" if result["ok"] else f"FAIL ({result['stage']})"
+    return f"{verdict} {result['seconds']:.0f}s"
 
 
 def markdown(rows: list[dict[str, Any]], methods: list[str], meta: dict[str, Any]) -> str:
@@ -347,16 +357,17 @@ def markdown(rows: list[dict[str, Any]], methods: list[str], meta: dict[str, Any
         "|---|---|---:|---:|---|" + "---|" * len(methods),
     ]
     for r in rows:
-        cells = [("ok" if r["results"][m]["ok"] else f"FAIL ({r['results'][m]['stage']})")
-                 + f" {r['results'][m]['seconds']:.0f}s" for m in methods]
+        cells = [cell(r["results"].get(m)) for m in methods]
         params = f"{r['params'] / 1e6:.2f}M" if r["params"] else "-"
         lines.append(f"| {r['family']} | {r['model'] or '-'} | {params} | "
                      f"{r['size'] or '-'} | {r.get('commit', 'unknown')} | "
                      + " | ".join(cells) + " |")
     lines += ["", "## Share of families per method", ""]
     for m, s in shares(rows, methods).items():
-        lines.append(f"- {m}: {s['passed']}/{s['total']} ({100 * s['share']:.1f} %)")
-    failures = [(r, m) for r in rows for m in methods if not r["results"][m]["ok"]]
+        not_run = f"; not run on {s['not_run']}" if s["not_run"] else ""
+        lines.append(f"- {m}: {s['passed']}/{s['total']} ({100 * s['share']:.1f} %){not_run}")
+    failures = [(r, m) for r in rows for m in methods
+                if m in r["results"] and not r["results"][m]["ok"]]
     lines += ["", "## Failures", ""]
     lines += [f"- {r['family']} ({r['model']}) / {m} at {r['results'][m]['stage']}: "
               f"{r['results'][m]['reason']}" for r, m in failures] or ["none"]
