@@ -43,6 +43,7 @@ with warnings.catch_warnings():
     # torch 2.14: noise for our users.
     warnings.filterwarnings("ignore", message=".*torch.jit.interface", category=FutureWarning)
     import timm
+    from timm.layers import SpaceToDepth
     from torchvision.transforms import Normalize
 
 from ._io import atomic_torch_save
@@ -67,7 +68,8 @@ NormalizeStats = tuple[tuple[float, ...], tuple[float, ...]]
 
 # -- the timm spec -------------------------------------------------------------------------------
 def in_chans_of(backbone: nn.Module) -> int | None:
-    """Input channels of ``backbone``: its timm ``first_conv``, else its first ``Conv2d``."""
+    """Input channels of ``backbone``: those of its timm ``first_conv``, else of its first
+    ``Conv2d``, before any space-to-depth stem."""
     first = getattr(backbone, "pretrained_cfg", {}).get("first_conv")
     try:
         conv = backbone.get_submodule(first) if isinstance(first, str) else None
@@ -75,7 +77,12 @@ def in_chans_of(backbone: nn.Module) -> int | None:
         conv = None
     if conv is None:
         conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
-    return getattr(conv, "in_channels", None)
+    channels = getattr(conv, "in_channels", None)
+    # TResNet's stem moves 4×4 pixel blocks into channels before its first conv (3 -> 48)
+    space_to_depth = next((m for m in backbone.modules() if isinstance(m, SpaceToDepth)), None)
+    if channels is not None and space_to_depth is not None:
+        channels //= space_to_depth.bs**2
+    return channels
 
 
 def architecture_text(backbone: nn.Module) -> str:
@@ -117,12 +124,16 @@ def timm_spec(
     patch_embed = getattr(backbone, "patch_embed", None)
     for key in ("img_size", "patch_size"):
         value = getattr(patch_embed, key, None)
-        if not _takes_argument(type(backbone), key):  # e.g. EfficientViT (MSRA): no patch_size
+        takes, default = _argument_default(type(backbone), key)
+        if not takes:  # e.g. EfficientViT (MSRA): no patch_size
             continue
         if isinstance(value, int):  # e.g. XCiT keeps an int
             kwargs[key] = value
         elif value is not None:
-            kwargs[key] = tuple(int(s) for s in value)
+            value = tuple(int(s) for s in value)
+            # NesT computes img_size % patch_size: an int argument gets its int back
+            square = len(set(value)) == 1
+            kwargs[key] = value[0] if square and isinstance(default, int) else value
     kwargs.update(model_kwargs or {})
     spec: dict[str, Any] = {"name": name, "kwargs": kwargs}
     if record_architecture:
@@ -130,13 +141,15 @@ def timm_spec(
     return spec
 
 
-def _takes_argument(cls: type, name: str) -> bool:
-    """Whether ``cls(...)`` accepts the keyword argument ``name``."""
+def _argument_default(cls: type, name: str) -> tuple[bool, Any]:
+    """(whether ``cls(...)`` accepts the keyword argument ``name``, its default or None)."""
     try:
         params = inspect.signature(cls.__init__).parameters
     except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        return True, None
+    if name in params:
+        return True, params[name].default
+    return any(p.kind is p.VAR_KEYWORD for p in params.values()), None
 
 
 def with_model_kwargs(

@@ -11,10 +11,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import ScaledStdConv2d
+from timm.layers import ScaledStdConv2d, SpaceToDepth
 from torch import nn
 
 import oat_plugins
+from oat_plugins.checkpoint import in_chans_of
 from oat_plugins.layers import DualNorm
 from oat_plugins.layers.conv_film import ConvFiLM, output_scale_parameter
 from oat_plugins.surgery import deepcopy_module, foreign_modules
@@ -141,3 +142,34 @@ def test_film_skips_norms_without_bias_and_exports_metaformer():
     with model.at(0.5), torch.enable_grad():
         expected = model(x).detach()
     torch.testing.assert_close(model.export(0.5)(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_nest_round_trips_its_int_patch_size(tmp_path):
+    """NesT computes ``img_size % patch_size``: the spec gave it its patch embedding's tuple
+    (4, 4) back and load failed with a TypeError."""
+    kwargs = {"img_size": 32, "num_classes": 10}  # nest_tiny fixes its widths and depths
+    model = oat_plugins.wrap(timm.create_model("nest_tiny", **kwargs), "film",
+                             model_kwargs=kwargs)
+    assert model.backbone_spec["kwargs"]["patch_size"] == 4
+    perturb(model)
+    model.eval()
+    oat_plugins.save(model, tmp_path / "nest.pt")
+    loaded = oat_plugins.load(tmp_path / "nest.pt")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("method", oat_plugins.available_methods())
+def test_space_to_depth_stem_takes_three_channel_images(method):
+    """TResNet moves 4×4 pixel blocks into channels before its first conv: the model took its
+    48 input channels for the image's and refused every (N, 3, H, W) batch."""
+    stem = nn.Sequential(SpaceToDepth(), nn.Conv2d(48, 8, 3, padding=1), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    assert in_chans_of(stem) == 3
+    model = oat_plugins.wrap(stem, method, normalize=None)
+    model.train().set_lambda(torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    logits = model(torch.rand(4, 3, 16, 16))
+    assert logits.shape == (4, 10)
+    F.cross_entropy(logits, torch.arange(4)).backward()
+    assert all(p.grad is not None for p in model.backbone[-1].parameters())
