@@ -6,6 +6,7 @@
 >>> plain = model.export(0.3)      # a plain timm model with the same output at λ = 0.3
 """
 
+from . import _timm  # noqa: F401  (first: timm imported without torchvision's warning)
 from ._version import __version__
 from .condition import Condition, condition, validate_lambda
 from .evaluate import SweepResult, evaluate

@@ -30,21 +30,15 @@ import inspect
 import logging
 import os
 import pickle
-import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import timm
 import torch
+from timm.layers import SpaceToDepth
 from torch import nn
-
-with warnings.catch_warnings():
-    # torchvision 0.29 (also imported by timm) uses torch.jit.interface, deprecated in
-    # torch 2.14: noise for our users.
-    warnings.filterwarnings("ignore", message=".*torch.jit.interface", category=FutureWarning)
-    import timm
-    from timm.layers import SpaceToDepth
-    from torchvision.transforms import Normalize
+from torchvision.transforms import Normalize
 
 from ._io import atomic_torch_save
 from ._version import __version__

@@ -9,16 +9,11 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-
-with warnings.catch_warnings():
-    # torchvision 0.29 (also imported by timm) uses torch.jit.interface, deprecated in
-    # torch 2.14: noise for our users.
-    warnings.filterwarnings("ignore", message=".*torch.jit.interface", category=FutureWarning)
-    import timm
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    from torchvision.transforms import Normalize
+from torchvision.transforms import Normalize
 
 from .checkpoint import (  # noqa: F401 (the file API, re-exported from its old home)
     CHECKPOINT_FORMAT,

@@ -4,10 +4,11 @@ device machine (at most ``--max-files`` files in ``--dest``, each at most ``--ma
 
 - ``results.tgz``: every file of ``--results`` except model and checkpoint files (``*.pt``)
   and any file over ``--max-small`` bytes (listed in ``packed.json`` as left out);
-- ``models-<i>.tgz``: the trained models (``model.pt``, ``demo_model.pt``), in ``--priority`` order (a run whose
-  folder name contains an earlier entry comes first), as many parts as the file count
-  allows, each under the size limit (raw size: compression only shrinks float weights a
-  little); the models that did not fit are listed in ``packed.json``.
+- ``models-<i>.tgz``: the trained models (``model.pt``, ``demo_model.pt``), in ``--priority``
+  order (a run whose folder name contains an earlier entry comes first), as many parts as the
+  file count allows, each under the size limit (raw size: compression only shrinks float
+  weights a little), all parts together under ``--max-total``; the models that did not fit
+  are listed in ``packed.json``.
 
 Standard library only, so it packs even when the bench's own imports fail.
 
@@ -22,8 +23,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-PRIORITY = ("demo_model", "film", "float-recipereference", "smart", "float-recipeoat", "float-recipeextremes",
-            "floats", "pgd-at", "standard")
+PRIORITY = ("demo_model", "film", "float-recipereference", "smart", "float-recipeoat",
+            "float-recipeextremes", "floats", "pgd-at", "standard")
 
 
 MODEL_FILES = ("model.pt", "demo_model.pt")  # trained models; other *.pt (checkpoints) stay
