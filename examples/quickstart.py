@@ -3,8 +3,7 @@ CIFAR-10 sample, sweep λ, export a plain model and check it matches.
 
     python examples/quickstart.py            # about a minute on a 2-core CPU
 
-A few steps only show the API; `oat-plugins demo` shows the trade-off of a model trained on the
-full CIFAR-10 (shipped in the package).
+A few steps only show the API; `oat-plugins demo` trains long enough to see the trade-off.
 """
 
 import tempfile

@@ -1,4 +1,4 @@
-"""The ``oat-plugins`` commands eval and export, end to end on the bundled sample; one-line
+"""The ``oat-plugins`` commands eval, export and demo, end to end on the bundled sample; one-line
 errors for every command; the class-balanced subset behind --limit-train."""
 
 import json
@@ -159,6 +159,33 @@ def test_eval_errors_for_missing_checkpoint_and_unknown_data(checkpoint, tmp_pat
     assert main(["eval", "--checkpoint", str(checkpoint), "--data", "imagenet7",
                  "--out", str(tmp_path)]) == 2
     assert "unknown dataset" in capsys.readouterr().err
+
+
+def test_demo_end_to_end_with_tiny_settings(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--model-kwargs", json.dumps(TINY), "--epochs", "1",
+                 "--max-steps", "2", "--batch-size", "32", "--lambdas", "0,1",
+                 "--steps", "1", "--n-examples", "16", "--out", str(out), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| λ | clean acc (%)" in printed and "conditioned with 'film'" in printed
+    result = SweepResult.from_json(out / "metrics.json")
+    assert result.lambdas == [0.0, 1.0]
+    assert all(r.n == 16 and 0 <= r.robust_acc <= r.clean_acc <= 1 for r in result)
+    assert (out / "tradeoff.png").is_file()
+    assert (out / "metrics.csv").read_text().startswith("lam,clean_acc,robust_acc")
+    assert (out / "train" / "last.pt").is_file()
+    model = oat_plugins.load(out / "model.pt")
+    assert model.method_name == "film" and model.backbone_spec["kwargs"]["stem_width"] == 8
+    # The training checkpoint next to it feeds eval and export directly.
+    assert main(["eval", "--checkpoint", str(out / "train" / "last.pt"), "--lambdas", "1",
+                 "--attack", "fgsm", "--n-examples", "16", "--out", str(out / "eval"),
+                 "--no-progress"]) == 0
+    again = SweepResult.from_json(out / "eval" / "metrics.json")
+    assert again.rows[0].clean_acc == result.row(1.0).clean_acc
+    assert main(["export", "--checkpoint", str(out / "train" / "last.pt"), "--lambda", "0",
+                 "--out", str(out / "plain.pt")]) == 0
+    assert oat_plugins.exported.exported_lambda(out / "plain.pt") == 0.0
 
 
 # -- errors: one line on stderr, exit status 2 ----------------------------------------------
