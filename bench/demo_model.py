@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from tradeoff import DEFAULT_TARBALL, load_data  # noqa: E402
+from tradeoff import load_data, setting_parser  # noqa: E402
 
 import oat_plugins  # noqa: E402
 from oat_plugins._io import atomic_write_text  # noqa: E402
@@ -56,21 +56,8 @@ share of the trained model's largest |logit| (float16 weights: about 1e-3)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=str(DEFAULT_TARBALL),
-                   help="'bundled', the CIFAR-10 JPEG tarball, or its extracted directory")
-    p.add_argument("--model", default="resnet10t", help="timm backbone")
-    p.add_argument("--model-kwargs", type=json.loads,
-                   default={"channels": [32, 64, 128, 256]}, metavar="JSON",
-                   help="timm.create_model kwargs")
+    p = setting_parser(__doc__)
     p.add_argument("--method", default="film", help="conditioning method")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (smoke)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--train-attack", default="fgsm-rs", help="pgd or fgsm-rs")
-    p.add_argument("--train-steps", type=int, default=1, help="training attack iterations")
     p.add_argument("--clean-fraction", type=float, default=None,
                    help="train on OAT's λ set {0, .1, .2, .3, .4, 1} with this share of each "
                    "batch at λ = 0 (default: the method's own sampler; film's is OAT's at 1/6)")

@@ -51,7 +51,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from tradeoff import (  # noqa: E402
-    DEFAULT_TARBALL,
     _cached,
     _conditional_model,
     _config,
@@ -62,6 +61,7 @@ from tradeoff import (  # noqa: E402
     _plain_payload,
     _record,
     load_data,
+    setting_parser,
     train_plain,
 )
 
@@ -382,28 +382,16 @@ class Report:
 
 # -- main --------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=str(DEFAULT_TARBALL),
-                   help="'bundled', the CIFAR-10 JPEG tarball, or its extracted directory")
-    p.add_argument("--model", default="resnet10t", help="timm backbone")
-    p.add_argument("--model-kwargs", type=json.loads,
-                   default={"channels": [32, 64, 128, 256]}, metavar="JSON")
+    p = setting_parser(__doc__, train_attack="pgd", train_steps=3,
+                       train_attack_help="PGD-AT's training attack")
     p.add_argument("--method", default="multiexit",
                    help="the multi-exit model, name[:key=value], e.g. multiexit:exits=[1,2]")
     p.add_argument("--n-train", type=int, default=None,
                    help="train on at most this many images (default: all but the held-out)")
     p.add_argument("--n-held-out", type=int, default=5000,
                    help="train-split images kept out of training to calibrate the exits")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--train-attack", default="pgd", help="PGD-AT's training attack")
     p.add_argument("--rdi-attack", default="max-average-exit-pgd",
-                   help="the multi-exit model's training attack")
-    p.add_argument("--train-steps", type=int, default=3,
-                   help="training attack iterations (both models)")
+                   help="the multi-exit model's training attack (--train-steps iterations)")
     p.add_argument("--eps", type=float, default=8 / 255)
     p.add_argument("--steps", type=int, default=20, help="evaluation attack iterations")
     p.add_argument("--alpha", type=float, default=None,

@@ -482,8 +482,12 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def setting_parser(doc: str, *, train_attack: str = "fgsm-rs", train_steps: int = 1,
+                   train_attack_help: str = "pgd or fgsm-rs") -> argparse.ArgumentParser:
+    """A bench script's parser, opened with the data, backbone and training arguments every
+    bench of this setting shares (§2 of bench/RESULTS.md: the narrow resnet10t on CIFAR-10
+    JPEG, SGD with a cosine schedule, one training attack)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_TARBALL),
                    help="'bundled', the CIFAR-10 JPEG tarball, or its extracted directory")
@@ -491,6 +495,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-kwargs", type=json.loads,
                    default={"channels": [32, 64, 128, 256]}, metavar="JSON",
                    help="timm.create_model kwargs")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="cap on optimizer steps per run (smoke runs)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--train-attack", default=train_attack, help=train_attack_help)
+    p.add_argument("--train-steps", type=int, default=train_steps,
+                   help="training attack iterations")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = setting_parser(__doc__)
     p.add_argument("--methods", default="film",
                    help="comma-separated conditional methods, each trained once; options as "
                         "name:key=value[:key=value], e.g. floats:density=0.2")
@@ -500,13 +517,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=None,
                    help="train on a seeded random subset of this many images (screening "
                    "runs; default: the whole training set)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="cap on optimizer steps per run (smoke runs)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--train-attack", default="fgsm-rs", help="pgd or fgsm-rs")
-    p.add_argument("--train-steps", type=int, default=1, help="training attack iterations")
     p.add_argument("--train-lambdas", default=None, type=_floats,
                    help="training λ set of the conditional methods (default: each method's "
                    "own sampler, OAT's {0,.1,.2,.3,.4,1} for film)")
