@@ -98,6 +98,8 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         self.backbone_spec = backbone_spec
         self.check_inputs = check_inputs
         self.in_chans = _in_chans(backbone)
+        self.serve_exports = True
+        self._served: FoldCache[nn.Module | None] = FoldCache()
         logger.info("wrapped %s with %r:\n%s", type(backbone).__name__, method.name,
                     summarize(self.replacements))
 
@@ -184,6 +186,9 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         return _cat_groups(outputs, inverse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        served = self.served_export()
+        if served is not None:
+            return served(self.prepare_inputs(x))
         if self.exits is not None:
             return self._run(self.adaptive_forward, self.prepare_inputs(x))
         return self._run(lambda t: self.method.forward(self, t), self.prepare_inputs(x))
@@ -224,7 +229,49 @@ class ConditionalModel(MultiExitAPI, nn.Module):
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
         """timm's ``reset_classifier``; the new head is plain (not conditioned)."""
         self.backbone.reset_classifier(num_classes, *args, **kwargs)
+        self._served.clear()  # its tensors are found again: the head's are new
         note_reset_classifier(self.backbone_spec, num_classes, *args, **kwargs)
+
+    # -- serving the export -----------------------------------------------------------------
+    def served_export(self) -> nn.Module | None:
+        """The plain module ``forward`` runs instead of the conditioned layers (without the
+        normaliser), or None when the conditioned forward must run.
+
+        When the model would serve folded weights anyway (``serve_exports``, eval mode, a
+        scalar λ, no gradient wanted for the parameters: ``torch.no_grad``, inference mode or
+        :meth:`frozen`), ``forward`` runs :meth:`export`'s module at the current λ: on a GPU the
+        conditioned forward is launch-bound and pays Python per layer, the export does not.
+        It is kept for the last λ only (memory: one more copy of the weights) and rebuilt when
+        λ, the inference mode or any parameter or buffer changes (object, storage or version:
+        optimizer steps, ``load_state_dict``, ``.to()``); ``train()`` and moves drop it. Its
+        parameters need no gradient; gradients w.r.t. the inputs flow. A model that draws
+        fresh noise every forward (resample), or whose export is not possible yet (masks
+        still to be chosen from data), runs conditioned. Set ``model.serve_exports = False``
+        to always run conditioned; after replacing submodules by hand (or writing through
+        ``.data``) call :meth:`clear_fold_caches`.
+        """
+        if not self.serve_exports or self.training or not self.condition.serves_folded:
+            return None
+        return self._served.get(self.condition.lam, (), self._export_to_serve, module=self)
+
+    def _export_to_serve(self) -> nn.Module | None:
+        if not self.deterministic:
+            return None
+        try:
+            served = self._export_backbone(self.condition.lam, exits=True)
+        except RuntimeError as err:  # e.g. masks still to be chosen from data
+            logger.debug("serving the conditioned forward: %s", err)
+            return None
+        return served.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> ConditionalModel:
+        if mode:  # a served export is never used in training: free its weights
+            self._served.clear()
+        return super().train(mode)
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> ConditionalModel:
+        self._served.clear()  # .to(), .half(), ...: a held export would keep the old copy
+        return super()._apply(fn, *args, **kwargs)
 
     # -- export and reporting --------------------------------------------------------------
     def export(self, lam: float | None = None, *, exits: bool = True) -> nn.Module:
@@ -237,7 +284,13 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         :class:`~oat_plugins.exits.MultiExitNet` container (plain backbone, plain heads, the
         current thresholds); ``exits=False`` gives the plain backbone alone.
         """
-        lam = self.condition.lam if lam is None else lam
+        backbone = self._export_backbone(self.condition.lam if lam is None else lam, exits)
+        if self.normalize_stats is None:
+            return backbone
+        return nn.Sequential(Normalize(*self.normalize_stats), backbone)
+
+    def _export_backbone(self, lam: object, exits: bool) -> nn.Module:
+        """:meth:`export` without the normaliser."""
         if not isinstance(lam, (int, float)) or isinstance(lam, bool):
             raise ValueError(f"export needs one scalar λ in [0, 1], got {lam!r}")
         if not self.deterministic:
@@ -252,9 +305,7 @@ class ConditionalModel(MultiExitAPI, nn.Module):
                 if not (name == "<root>" and isinstance(backbone, MultiExitNet))]
         if left:
             raise RuntimeError(f"export left conditioned modules behind: {left[:5]}")
-        if self.normalize_stats is None:
-            return backbone
-        return nn.Sequential(Normalize(*self.normalize_stats), backbone)
+        return backbone
 
     def summary(self) -> str:
         """What the method conditioned, the parameter overhead over the plain backbone, the
