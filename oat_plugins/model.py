@@ -247,8 +247,10 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         parameters need no gradient; gradients w.r.t. the inputs flow. A model that draws
         fresh noise every forward (resample), or whose export is not possible yet (masks
         still to be chosen from data), runs conditioned. Set ``model.serve_exports = False``
-        to always run conditioned; after replacing submodules by hand (or writing through
-        ``.data``) call :meth:`clear_fold_caches`.
+        to always run conditioned. The export is a deep copy: forward hooks on inner modules
+        are copied as they were when it was built. After adding or removing such hooks,
+        replacing submodules by hand or writing through ``.data``, call
+        :meth:`clear_fold_caches`.
         """
         if not self.serve_exports or self.training or not self.condition.serves_folded:
             return None

@@ -180,3 +180,17 @@ def test_input_gradients_and_attacks_equal_the_conditioned_ones(model):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(advs[0], advs[1])
     assert float((advs[0] - X).abs().max()) > 0
+
+
+def test_clear_fold_caches_drops_the_served_export_and_sees_new_hooks():
+    model = build("film")
+    calls = []
+    with model.at(0.5), torch.no_grad():
+        model(X)
+        first = model.served_export()
+        model.backbone.stem.register_forward_hook(lambda *_: calls.append(1))
+        model(X)
+        assert calls == []  # the held copy was made before the hook
+        model.clear_fold_caches()
+        model(X)
+        assert model.served_export() is not first and calls == [1]
