@@ -44,6 +44,11 @@ from .surgery import foreign_modules, summarize
 
 logger = logging.getLogger(__name__)
 
+SERVE_AFTER = 16
+"""Forwards with nothing changed before a model serves its export (see
+``ConditionalModel.served_export``): more than a training attack's steps (a copy of the model
+per training step costs more than it saves), few against an evaluation's batches."""
+
 _RANGE_TOLERANCE = 1e-4
 _FAR_OUTSIDE = (-1.0, 2.0)
 """Inputs beyond these bounds are refused unless their mean is that of images (see below)."""
@@ -99,7 +104,8 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         self.check_inputs = check_inputs
         self.in_chans = _in_chans(backbone)
         self.serve_exports = True
-        self._served: FoldCache[nn.Module | None] = FoldCache()
+        self.serve_after = SERVE_AFTER
+        self._served: FoldCache[_HeldExport] = FoldCache()
         logger.info("wrapped %s with %r:\n%s", type(backbone).__name__, method.name,
                     summarize(self.replacements))
 
@@ -241,7 +247,10 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         scalar λ, no gradient wanted for the parameters: ``torch.no_grad``, inference mode or
         :meth:`frozen`), ``forward`` runs :meth:`export`'s module at the current λ: on a GPU the
         conditioned forward is launch-bound and pays Python per layer, the export does not.
-        It is kept for the last λ only (memory: one more copy of the weights) and rebuilt when
+        It is built once ``serve_after`` such forwards (default :data:`SERVE_AFTER`) found
+        nothing changed, so that a training attack, whose weights change every step, keeps
+        the conditioned layers instead of copying the model per step. It is kept for the last
+        λ only (memory: one more copy of the weights) and rebuilt when
         λ, the inference mode or any parameter or buffer changes (object, storage or version:
         optimizer steps, ``load_state_dict``, ``.to()``); ``train()`` and moves drop it. Its
         parameters need no gradient; gradients w.r.t. the inputs flow. A model that draws
@@ -254,7 +263,12 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         """
         if not self.serve_exports or self.training or not self.condition.serves_folded:
             return None
-        return self._served.get(self.condition.lam, (), self._export_to_serve, module=self)
+        held = self._served.get(self.condition.lam, (), _HeldExport, module=self)
+        held.forwards += 1
+        if not held.built and held.forwards >= self.serve_after:
+            with torch.no_grad():
+                held.module, held.built = self._export_to_serve(), True
+        return held.module
 
     def _export_to_serve(self) -> nn.Module | None:
         if not self.deterministic:
@@ -336,6 +350,16 @@ class ConditionalModel(MultiExitAPI, nn.Module):
     def extra_repr(self) -> str:
         lam = self.lam if self.condition.is_scalar else "per-sample"
         return f"method={self.method_name!r}, lam={lam}"
+
+
+class _HeldExport:
+    """The served export of one key (λ, inference mode, parameters and buffers): how many
+    forwards asked for it, and the module once built (None: not servable)."""
+
+    def __init__(self) -> None:
+        self.forwards = 0
+        self.built = False
+        self.module: nn.Module | None = None
 
 
 def _cat_groups(outputs: list[Any], inverse: torch.Tensor) -> Any:

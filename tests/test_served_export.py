@@ -21,6 +21,7 @@ def build(method: str, **options) -> oat_plugins.ConditionalModel:
     model = oat_plugins.wrap("test_byobnet", method, model_kwargs={"num_classes": 10},
                              **options)
     model.method.prepare(model, X, Y)
+    model.serve_after = 1  # served from the first forward (the default waits, tested below)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # away from the identity a fresh wrap starts at
         for p in model.parameters():
@@ -155,6 +156,7 @@ def test_pending_masks_run_the_conditioned_forward():
     torch.manual_seed(0)
     model = oat_plugins.wrap("test_byobnet", "floats", model_kwargs={"num_classes": 10},
                              prune="snip").eval()
+    model.serve_after = 1
     with model.at(1.0), torch.no_grad():
         assert model.served_export() is None
         with pytest.raises(RuntimeError, match="not been chosen yet"):
@@ -194,3 +196,25 @@ def test_clear_fold_caches_drops_the_served_export_and_sees_new_hooks():
         model.clear_fold_caches()
         model(X)
         assert model.served_export() is not first and calls == [1]
+
+
+def test_the_export_is_built_after_serve_after_unchanged_forwards_only():
+    """A training attack (weights changed every step) keeps the conditioned layers."""
+    from oat_plugins.model import SERVE_AFTER
+    from oat_plugins.train import adversarial_examples
+    model = build("float")
+    model.serve_after = SERVE_AFTER
+    built = []
+    build_export = model._export_to_serve
+    model._export_to_serve = lambda: built.append(1) or build_export()
+    attack = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=SERVE_AFTER - 2)
+    model.train()
+    adversarial_examples(model, attack, X, Y, torch.ones(4))  # run in eval mode, frozen
+    assert built == []  # fewer forwards than serve_after
+    model.eval()
+    with model.at(1.0), torch.no_grad():
+        for _ in range(SERVE_AFTER - 1):
+            model(X)
+        assert model._served._value.module is None
+        model(X)
+        assert model._served._value.module is not None and built == [1]
