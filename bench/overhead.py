@@ -15,8 +15,9 @@ drifting load hits all rows alike; medians):
                        a clean forward too; float: 1/2 attacked, every clean image in its
                        default loss).
 2. Inference latency (``torch.inference_mode``, batch of the configuration): the plain model,
-   ``export(λ)`` and the conditional model at the scalar λ ``--lam`` (served from its fold
-   caches).
+   ``export(λ)`` and the conditional model at the scalar λ ``--lam`` (which runs its served
+   export), and the same model with ``serve_exports`` off (its conditioned layers, served
+   from their fold caches), interleaved.
 3. End to end: images/s of ``oat_plugins.train.fit`` (``oat-plugins train``'s loop: its
    DataLoader with ``TrainConfig``'s default workers, sampler, attack, loss, optimizer,
    scheduler, checks) against a plain hand-written PGD-AT loop on the same dataset with the
@@ -228,14 +229,21 @@ def training_steps(setting: Setting, models: Models, args, device, sync) -> list
 
 def inference_latency(setting: Setting, models: Models, args, device, sync) -> list[Row]:
     x = torch.rand(setting.batch, 3, setting.image_size, setting.image_size, device=device)
-    forwards: dict[str, torch.nn.Module] = {"plain": models.plain.eval()}
+    forwards: dict[str, Callable[[], object]] = {
+        "plain": functools.partial(models.plain.eval(), x)}
     for name, model in models.default.items():
         model.eval().set_lambda(args.lam)
-        forwards[f"{name} export(λ={args.lam})"] = model.export(args.lam).eval()
-        forwards[f"{name} conditional (λ={args.lam})"] = model
+        forwards[f"{name} export(λ={args.lam})"] = functools.partial(
+            model.export(args.lam).eval(), x)
+        forwards[f"{name} conditional (λ={args.lam})"] = functools.partial(model, x)
+        # the same model with its conditioned layers run (serve_exports off): what it costs
+        # without the served export, measured interleaved with it
+        forwards[f"{name} conditional, not served"] = functools.partial(unserved, model, x)
     with torch.inference_mode():
-        seconds = median_seconds({label: (lambda m=m: m(x)) for label, m in forwards.items()},
-                                 args.repeats * 4, args.warmup, sync)
+        for model in models.default.values():  # build the served export before timing
+            for _ in range(model.serve_after):
+                model(x)
+        seconds = median_seconds(forwards, args.repeats * 4, args.warmup, sync)
     rows = ratio_rows(setting.name, "inference latency", seconds, "s", "plain")
     by_label = {r.label: r for r in rows}
     for name in models.default:  # the goal: conditional at a scalar λ against its own export
@@ -243,7 +251,19 @@ def inference_latency(setting: Setting, models: Models, args, device, sync) -> l
         export = by_label[f"{name} export(λ={args.lam})"].value
         rows.append(Row(setting.name, "inference latency", f"{name} conditional / export",
                         conditional / export, "×"))
+        unserved_time = by_label[f"{name} conditional, not served"].value
+        rows.append(Row(setting.name, "inference latency",
+                        f"{name} conditional not served / export", unserved_time / export, "×"))
     return rows
+
+
+def unserved(model: oat_plugins.ConditionalModel, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` through its conditioned layers, not its served export."""
+    model.serve_exports = False
+    try:
+        return model(x)
+    finally:
+        model.serve_exports = True
 
 
 # -- end to end --------------------------------------------------------------------------------

@@ -39,6 +39,11 @@ from .surgery import foreign_modules, summarize
 
 logger = logging.getLogger(__name__)
 
+SERVE_AFTER = 16
+"""Forwards with nothing changed before a model serves its export (see
+``ConditionalModel.served_export``): more than a training attack's steps (a copy of the model
+per training step costs more than it saves), few against an evaluation's batches."""
+
 _RANGE_TOLERANCE = 1e-4
 _FAR_OUTSIDE = (-1.0, 2.0)
 """Inputs beyond these bounds are refused unless their mean is that of images (see below)."""
@@ -93,6 +98,9 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         self.backbone_spec = backbone_spec
         self.check_inputs = check_inputs
         self.in_chans = _in_chans(backbone)
+        self.serve_exports = True
+        self.serve_after = SERVE_AFTER
+        self._served: FoldCache[_HeldExport] = FoldCache()
         logger.info("wrapped %s with %r:\n%s", type(backbone).__name__, method.name,
                     summarize(self.replacements))
 
@@ -179,6 +187,9 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         return _cat_groups(outputs, inverse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        served = self.served_export()
+        if served is not None:
+            return served(self.prepare_inputs(x))
         if self.exits is not None:
             return self._run(self.adaptive_forward, self.prepare_inputs(x))
         return self._run(lambda t: self.method.forward(self, t), self.prepare_inputs(x))
@@ -219,7 +230,59 @@ class ConditionalModel(MultiExitAPI, nn.Module):
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
         """timm's ``reset_classifier``; the new head is plain (not conditioned)."""
         self.backbone.reset_classifier(num_classes, *args, **kwargs)
+        self._served.clear()  # its tensors are found again: the head's are new
         note_reset_classifier(self.backbone_spec, num_classes, *args, **kwargs)
+
+    # -- serving the export -----------------------------------------------------------------
+    def served_export(self) -> nn.Module | None:
+        """The plain module ``forward`` runs instead of the conditioned layers (without the
+        normaliser), or None when the conditioned forward must run.
+
+        When the model would serve folded weights anyway (``serve_exports``, eval mode, a
+        scalar λ, no gradient wanted for the parameters: ``torch.no_grad``, inference mode or
+        :meth:`frozen`), ``forward`` runs :meth:`export`'s module at the current λ: on a GPU the
+        conditioned forward is launch-bound and pays Python per layer, the export does not.
+        It is built once ``serve_after`` such forwards (default :data:`SERVE_AFTER`) found
+        nothing changed, so that a training attack, whose weights change every step, keeps
+        the conditioned layers instead of copying the model per step. It is kept for the last
+        λ only (memory: one more copy of the weights) and rebuilt when
+        λ, the inference mode or any parameter or buffer changes (object, storage or version:
+        optimizer steps, ``load_state_dict``, ``.to()``); ``train()`` and moves drop it. Its
+        parameters need no gradient; gradients w.r.t. the inputs flow. A model that draws
+        fresh noise every forward (resample), or whose export is not possible yet (masks
+        still to be chosen from data), runs conditioned. Set ``model.serve_exports = False``
+        to always run conditioned. The export is a deep copy: forward hooks on inner modules
+        are copied as they were when it was built. After adding or removing such hooks,
+        replacing submodules by hand or writing through ``.data``, call
+        :meth:`clear_fold_caches`.
+        """
+        if not self.serve_exports or self.training or not self.condition.serves_folded:
+            return None
+        held = self._served.get(self.condition.lam, (), _HeldExport, module=self)
+        held.forwards += 1
+        if not held.built and held.forwards >= self.serve_after:
+            with torch.no_grad():
+                held.module, held.built = self._export_to_serve(), True
+        return held.module
+
+    def _export_to_serve(self) -> nn.Module | None:
+        if not self.deterministic:
+            return None
+        try:
+            served = self._export_backbone(self.condition.lam, exits=True)
+        except RuntimeError as err:  # e.g. masks still to be chosen from data
+            logger.debug("serving the conditioned forward: %s", err)
+            return None
+        return served.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> ConditionalModel:
+        if mode:  # a served export is never used in training: free its weights
+            self._served.clear()
+        return super().train(mode)
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> ConditionalModel:
+        self._served.clear()  # .to(), .half(), ...: a held export would keep the old copy
+        return super()._apply(fn, *args, **kwargs)
 
     # -- export and reporting --------------------------------------------------------------
     def export(self, lam: float | None = None, *, exits: bool = True) -> nn.Module:
@@ -232,7 +295,13 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         :class:`~oat_plugins.exits.MultiExitNet` container (plain backbone, plain heads, the
         current thresholds); ``exits=False`` gives the plain backbone alone.
         """
-        lam = self.condition.lam if lam is None else lam
+        backbone = self._export_backbone(self.condition.lam if lam is None else lam, exits)
+        if self.normalize_stats is None:
+            return backbone
+        return nn.Sequential(Normalize(*self.normalize_stats), backbone)
+
+    def _export_backbone(self, lam: object, exits: bool) -> nn.Module:
+        """:meth:`export` without the normaliser."""
         if not isinstance(lam, (int, float)) or isinstance(lam, bool):
             raise ValueError(f"export needs one scalar λ in [0, 1], got {lam!r}")
         if not self.deterministic:
@@ -247,9 +316,7 @@ class ConditionalModel(MultiExitAPI, nn.Module):
                 if not (name == "<root>" and isinstance(backbone, MultiExitNet))]
         if left:
             raise RuntimeError(f"export left conditioned modules behind: {left[:5]}")
-        if self.normalize_stats is None:
-            return backbone
-        return nn.Sequential(Normalize(*self.normalize_stats), backbone)
+        return backbone
 
     def summary(self) -> str:
         """What the method conditioned, the parameter overhead over the plain backbone, the
@@ -278,6 +345,16 @@ class ConditionalModel(MultiExitAPI, nn.Module):
     def extra_repr(self) -> str:
         lam = self.lam if self.condition.is_scalar else "per-sample"
         return f"method={self.method_name!r}, lam={lam}"
+
+
+class _HeldExport:
+    """The served export of one key (λ, inference mode, parameters and buffers): how many
+    forwards asked for it, and the module once built (None: not servable)."""
+
+    def __init__(self) -> None:
+        self.forwards = 0
+        self.built = False
+        self.module: nn.Module | None = None
 
 
 def _cat_groups(outputs: list[Any], inverse: torch.Tensor) -> Any:
