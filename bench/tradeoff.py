@@ -28,18 +28,15 @@ import dataclasses
 import json
 import logging
 import math
-import multiprocessing
 import os
 import shutil
 import sys
 import tarfile
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -96,39 +93,17 @@ def _extract(tarball: Path) -> Path:
 
 
 def _decode_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """All images of ``root/split`` (ImageFolder layout) as uint8 (N, 3, 32, 32), cached."""
+    """All images of ``root/split`` (ImageFolder layout) as uint8 (N, 3, 32, 32), decoded once
+    by the library's in-memory loader and cached beside the data for the next runs."""
     cache = root / f".{split}-uint8.pt"
     if cache.is_file():
         payload = torch.load(cache, weights_only=True)
         return payload["images"], payload["labels"], list(payload["classes"])
-    from torchvision.datasets import ImageFolder
-
-    folder = ImageFolder(os.fspath(root / split))  # lists the files; decoded below
-    workers = min(16, os.cpu_count() or 1)
-    logger.info("decoding %d %s images of %s (once, %d processes)", len(folder), split, root,
-                workers)
-    chunks = np.array_split(np.array([path for path, _ in folder.samples]), workers)
-    if workers > 1:  # fork: nothing here has touched CUDA, and the children only decode
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            parts = list(pool.map(_decode_files, chunks))
-    else:
-        parts = [_decode_files(chunk) for chunk in chunks]
-    images = torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor(folder.targets, dtype=torch.int64)
-    atomic_torch_save({"images": images, "labels": labels, "classes": folder.classes}, cache)
-    return images, labels, folder.classes
-
-
-def _decode_files(paths: np.ndarray) -> np.ndarray:
-    """JPEG/PNG files as one uint8 (N, H, W, 3) array (RGB, as ImageFolder's loader)."""
-    from PIL import Image
-
-    def decode(path: str) -> np.ndarray:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-
-    return np.stack([decode(str(path)) for path in paths])
+    logger.info("decoding the %s images of %s (once)", split, root)
+    decoded = load_dataset(os.fspath(root), split, augment=False, in_memory=True)
+    images, labels, classes = decoded.images, decoded.labels, list(decoded.classes)
+    atomic_torch_save({"images": images, "labels": labels, "classes": classes}, cache)
+    return images, labels, classes
 
 
 def load_data(spec: str, n_train: int | None = None, seed: int = 0,
