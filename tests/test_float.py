@@ -18,7 +18,7 @@ import oat_plugins
 from oat_plugins.layers import DualNorm
 from oat_plugins.layers.mask_selection import masks_from_scores
 from oat_plugins.layers.weight_mask import WeightMask, masked_density, weight_masks
-from oat_plugins.layers.weight_noise import WeightNoise
+from oat_plugins.layers.weight_noise import WeightNoise, add_scaled_noise
 from oat_plugins.methods.float import snip_prune
 from oat_plugins.samplers import ExtremesLambdaSampler
 from oat_plugins.stats import count_nonzero
@@ -114,6 +114,22 @@ def test_effective_weight_is_w_plus_alpha_lambda_eta():
     # η ~ N(0, std(W)²): the scale follows the layer's weights
     ratio = float(noise.noise.std() / w.detach().std())
     assert 0.9 < ratio < 1.1
+
+
+@pytest.mark.parametrize("alpha_shape", [(), (4, 1, 1, 1)])
+def test_fused_noise_gradients_equal_autograds_own_twice_over(alpha_shape):
+    """W + λ·α·η is one fused kernel with a dot-product backward for α: its first and second
+    derivatives are those of the plain expression (float64 gradcheck)."""
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    alpha = torch.rand(alpha_shape, dtype=torch.float64, requires_grad=True)
+    fused = lambda w, a: add_scaled_noise(w, noise, a, 0.3)  # noqa: E731
+    assert torch.autograd.gradcheck(fused, (weight, alpha))
+    assert torch.autograd.gradgradcheck(fused, (weight, alpha))
+    g = torch.randn_like(weight)
+    expected = torch.autograd.grad(weight + (alpha * 0.3) * noise, (weight, alpha), g)
+    torch.testing.assert_close(torch.autograd.grad(fused(weight, alpha), (weight, alpha), g),
+                               expected)
 
 
 def test_fixed_noise_is_deterministic_seeded_and_independent_of_global_rng():

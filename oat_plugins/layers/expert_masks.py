@@ -88,7 +88,11 @@ class ExpertMasks(ConditionedParametrization):
         return self._masked(weight, lam)
 
     def _masked(self, weight: torch.Tensor, lam: float) -> torch.Tensor:
-        return weight * self.coefficient(lam).to(weight.dtype)
+        coefficient = self.coefficient(lam)
+        # a boolean mask multiplies as it is (promoted inside the kernel): converting it first
+        # would write a weight-sized copy every forward
+        return weight * (coefficient if coefficient.dtype == torch.bool
+                         else coefficient.to(weight.dtype))
 
     @torch.no_grad()
     def set_masks(self, clean: torch.Tensor, adversarial: torch.Tensor) -> None:

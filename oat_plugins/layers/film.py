@@ -63,7 +63,8 @@ class FiLM(ConditionedModule):
         gamma, beta = self.affine(x)
         shape = [gamma.shape[0]] + [1] * (x.dim() - 1)
         shape[self.channel_dim] = self.channels
-        return x * gamma.reshape(shape) + beta.reshape(shape)
+        # one fused pass over the activations (x·γ + β as two ops writes a temporary)
+        return torch.addcmul(beta.reshape(shape), x, gamma.reshape(shape))
 
     @torch.no_grad()
     def fold_into(self, norm: nn.Module) -> None:

@@ -25,6 +25,47 @@ def seeded_noise(
     return (z * std).to(device=weight.device, dtype=weight.dtype)
 
 
+class _AddScaledNoise(torch.autograd.Function):
+    """W + λ·α·η in one fused kernel (``addcmul``) whose backward gives α its gradient as a
+    dot product, λ·⟨g, η⟩ (per output channel for a per-channel α).
+
+    Why not autograd's own: ``W + (α·λ)·η`` writes two weight-sized temporaries forward and
+    ``g·η`` backward, per conditioned layer and step; on a ResNet-18 these elementwise passes
+    over 11 M weights cost as much as a sixth of a CIFAR training step on a CPU (and three
+    extra kernel launches per layer on a GPU). The backward is made of differentiable ops, so
+    double backward still works."""
+
+    @staticmethod
+    def forward(weight: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor,
+                lam: float) -> torch.Tensor:
+        return torch.addcmul(weight, noise, alpha, value=lam)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd's signature)
+        _, noise, alpha, lam = inputs
+        ctx.save_for_backward(noise)
+        ctx.lam, ctx.alpha_shape = lam, alpha.shape
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (noise,) = ctx.saved_tensors
+        grad_alpha = None
+        if ctx.needs_input_grad[2]:
+            if len(ctx.alpha_shape) == 0:
+                grad_alpha = torch.dot(grad.reshape(-1), noise.reshape(-1)) * ctx.lam
+            else:  # one α per output channel
+                grad_alpha = (torch.linalg.vecdot(grad.flatten(1), noise.flatten(1))
+                              * ctx.lam).view(ctx.alpha_shape)
+        return grad if ctx.needs_input_grad[0] else None, None, grad_alpha, None
+
+
+def add_scaled_noise(weight: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor,
+                     lam: float) -> torch.Tensor:
+    """``weight + lam·alpha·noise`` (α a scalar or per-output-channel tensor), with the fused
+    forward and dot-product backward of :class:`_AddScaledNoise`."""
+    return _AddScaledNoise.apply(weight, noise, alpha, float(lam))
+
+
 class WeightNoise(ConditionedParametrization):
     """W ↦ W + α·λ·η at the condition's scalar λ (λ = 0 returns W itself).
 
@@ -76,11 +117,11 @@ class WeightNoise(ConditionedParametrization):
             return weight
         if self.noise is None:  # resampled: a fresh draw every forward, never cached
             std = weight.detach().std(correction=0)
-            return weight + (self.alpha * lam) * (torch.randn_like(weight) * std)
+            return add_scaled_noise(weight, torch.randn_like(weight) * std, self.alpha, lam)
         if self.condition.weights_constant:  # no gradient wanted: fold once per λ
             return self._folded.get(lam, (weight, self.alpha, self.noise),
-                                    lambda: weight + (self.alpha * lam) * self.noise)
-        return weight + (self.alpha * lam) * self.noise
+                                    lambda: add_scaled_noise(weight, self.noise, self.alpha, lam))
+        return add_scaled_noise(weight, self.noise, self.alpha, lam)
 
     def extra_repr(self) -> str:
         return f"noise={self.mode!r}, alpha_shape={tuple(self.alpha.shape)}"
