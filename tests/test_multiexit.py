@@ -335,3 +335,39 @@ def test_cli_eval_sets_the_exit_budget_from_the_saved_calibration(tmp_path, caps
 def test_weights_only_export_files_refuse_a_model_with_exits(tmp_path):
     with pytest.raises(ValueError, match="model.export\\(λ, exits=False\\)"):
         oat_plugins.save_exported(build(), 0.0, tmp_path / "plain.pt")
+
+
+def test_cli_train_with_exits_calibrates_on_held_out_training_images(tmp_path, capsys):
+    """`oat-plugins train --exits auto` on float: the thresholds are calibrated at the end, at
+    --exit-budget, on training images kept out of training (not augmented); the final table
+    reports MACs."""
+    import argparse
+
+    from oat_plugins.cli import main
+    from oat_plugins.cli.train import _calibration_split
+    from oat_plugins.data import load_dataset
+
+    args = argparse.Namespace(calibration_samples=40, exits="auto", method="float", seed=0,
+                              data="bundled", data_dir=None, no_download=True, image_size=None)
+    train = load_dataset("bundled", "train")
+    kept, held = _calibration_split(train, args)
+    assert len(kept) + len(held) == len(train) and len(held) == 40
+    assert not set(kept.indices) & set(held.indices)
+    assert torch.equal(held[0][0], held[0][0])  # not augmented
+    args.exits = None
+    assert _calibration_split(train, args) == (train, None)  # float alone has no exits
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", "resnet10t", "--model-kwargs",
+                 '{"channels": [8, 16, 16, 16], "stem_width": 8}', "--method", "float",
+                 "--exits", "auto", "--calibration-samples", "40", "--exit-budget", "0.97",
+                 "--data", "bundled", "--limit-train", "32", "--batch-size", "16",
+                 "--epochs", "1", "--steps", "1", "--eval-samples", "8", "--final-steps", "1",
+                 "--final-lambdas", "0,1", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "exits calibrated at λ = 1 on 40 held-out training images" in printed
+    assert "MACs (% of backbone)" in printed
+    model = oat_plugins.load(out / "model.pt")
+    assert model.exits is not None and model.method_name == "float"
+    again = copy.deepcopy(model)
+    assert again.set_exit_budget(0.97)["thresholds"] == model.exits.summary()["thresholds"]

@@ -22,10 +22,11 @@ from oat_plugins.attacks import (
     SlowdownPGD,
     available_attacks,
     build_attack,
+    queries_whole_batch,
 )
 from oat_plugins.attacks.multiexit import exit_cross_entropy, exit_entropy
 from oat_plugins.data import load_dataset
-from oat_plugins.train import TrainConfig, fit, make_attack
+from oat_plugins.train import TrainConfig, adversarial_examples, fit, make_attack
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _helpers import bundled_images  # noqa: E402
@@ -327,3 +328,29 @@ def test_training_uses_a_multiexit_attack_by_name(tmp_path):
     result = fit(model, data, config, tmp_path)
     assert result["global_step"] == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["max-average-exit-pgd", "routing-pgd"])
+def test_training_attacks_a_per_sample_lambda_batch_in_one_call(images, name):
+    """The multi-exit attacks query only their whole batch, so training attacks film + exits at
+    a per-sample λ in one call; the examples equal those of each λ group attacked alone."""
+    x, y = images
+    torch.manual_seed(0)
+    model = oat_plugins.wrap("resnet10t", "film", exits="auto", model_kwargs=TINY).eval()
+    with torch.no_grad():  # a FiLM that is not the identity, so each λ is its own model
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    attack = build_attack(name, model, steps=2, random_start=False)
+    assert queries_whole_batch(attack) and not model.method.lambda_groups
+    lam = torch.tensor([0.0, 1.0, 0.4, 1.0] * 4)
+    exit_calls = []
+    original = model.exit_logits
+    model.exit_logits = lambda inputs: exit_calls.append(inputs.shape[0]) or original(inputs)
+    together = adversarial_examples(model, attack, x, y, lam)
+    assert set(exit_calls) == {16}  # one batch of 16, never a λ group
+    del model.exit_logits
+    for value in (0.0, 0.4, 1.0):
+        group = lam == value
+        with model.at(value):
+            alone = attack(x[group], y[group])
+        torch.testing.assert_close(together[group], alone, rtol=0, atol=1e-6)

@@ -22,7 +22,7 @@ TINY = ["--model", "resnet10t", "--model-kwargs",
         json.dumps({"channels": [8, 16, 16, 16], "stem_width": 8})]
 SMOKE = ["--data", "bundled", "--limit-train", "32", "--batch-size", "16", "--epochs", "1",
          "--steps", "1", "--eval-samples", "8", "--final-steps", "1",
-         "--final-lambdas", "0,1", "--no-progress"]
+         "--final-lambdas", "0,1", "--calibration-samples", "40", "--no-progress"]
 
 
 def _zoo_checkpoint(root: Path, name: str = "Wong2020Fast") -> None:

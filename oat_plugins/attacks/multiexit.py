@@ -91,6 +91,9 @@ class ExitPGD(Attack):
 
     needs_route = False
     """Whether the objective reads the model's router (``route``)."""
+    queries_whole_batch = True
+    """Every model call is on the whole batch, in order (so training may attack a batch of
+    per-sample λ in one call; see :func:`~oat_plugins.attacks.queries_whole_batch`)."""
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255,
                  steps: int = 10, random_start: bool = True) -> None:

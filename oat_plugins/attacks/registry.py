@@ -89,9 +89,13 @@ def queries_whole_batch(attack: Attack) -> bool:
     """Whether ``attack`` only ever calls the model on its whole batch, in order (gradient
     sign attacks), so each sample may keep its own λ during one call. Attacks that query
     subsets of their batch (APGD, APGDT, FAB, Square, AutoAttack, ...) or are not known here
-    return False and are run one λ group at a time."""
+    return False and are run one λ group at a time. An attack class of its own says so with a
+    class attribute ``queries_whole_batch = True`` (ours: the multi-exit attacks)."""
     import torchattacks
 
+    declared = getattr(attack, "queries_whole_batch", None)
+    if isinstance(declared, bool):
+        return declared
     whole_batch = (torchattacks.PGD, torchattacks.FGSM, torchattacks.FFGSM, torchattacks.PGDL2,
                    torchattacks.EOTPGD, torchattacks.TPGD, torchattacks.BIM, torchattacks.MIFGSM)
     return isinstance(attack, whole_batch)

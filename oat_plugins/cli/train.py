@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from ..attacks import attack_names_help
-from ._common import json_object, number, parse_lambdas, positive_int, positive_number
+from ._common import (
+    json_object,
+    number,
+    parse_lambdas,
+    positive_int,
+    positive_number,
+    unit_float,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +85,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--option", type=_option, action="append", default=[],
                         metavar="KEY=VALUE",
                         help="a method option (JSON value), repeatable, e.g. encoding=\"scalar\"")
+    parser.add_argument("--exits", type=exit_spec, default=None, metavar="auto|LIST",
+                        help="early exits (RDI-Nets) on any method: 'auto' (after every stage "
+                        "but the last) or feature_info indices, e.g. 1,2,3 (method multiexit "
+                        "has them by default)")
+    parser.add_argument("--calibration-samples", type=int, default=5000, metavar="N",
+                        help="with exits: N training images (class-balanced, drawn with "
+                        "--seed) kept out of training to calibrate the exits' thresholds at "
+                        "the end (0: no calibration; the thresholds stay unset)")
+    parser.add_argument("--exit-budget", type=positive_number, default=0.85, metavar="B",
+                        help="with exits: the calibrated mean MACs per image, as a fraction of "
+                        "the backbone's (heads evaluated and rejected included); `oat-plugins "
+                        "eval --exit-budget` re-picks it later")
+    parser.add_argument("--calibration-lambda", type=unit_float, default=1.0, metavar="λ",
+                        help="with exits: the λ the exits are calibrated at")
     parser.add_argument("--data", default="bundled",
                         help="cifar10, cifar100, svhn (stored under --data-dir), bundled (the "
                         "CIFAR-10 sample in the package) or a path to an ImageFolder directory")
@@ -179,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     download = not args.no_download
     train_data = datasets.load_dataset(args.data, "train", data_dir=args.data_dir,
                                        download=download, image_size=args.image_size)
+    train_data, held_out = _calibration_split(train_data, args)
     if args.limit_train is not None:
         train_data = datasets.balanced_subset(train_data, args.limit_train, args.seed)
     eval_data = None
@@ -192,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
     if result["stopped_by"] in STOP_SIGNALS:
         return _report_stop(result)
     if int(os.environ.get("RANK", "0")) == 0:
+        if held_out is not None:
+            _calibrate_exits(model, held_out, args)
         path = Path(args.out) / "model.pt"
         oat_plugins.save(model, path)
         last = result["history"][-1] if result["history"] else {}
@@ -221,6 +245,59 @@ def print_tradeoff(model: Any, eval_data: Any, args: argparse.Namespace) -> None
     print(f"wrote {out / 'tradeoff.json'} and {out / 'tradeoff.png'}")
 
 
+def exit_spec(text: str) -> str | list[int]:
+    """``--exits``: ``'auto'`` or comma-separated feature_info indices."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--exits takes 'auto' or feature_info indices such as 1,2,3, got {text!r}") from None
+
+
+def _has_exits(args: argparse.Namespace) -> bool:
+    from oat_plugins.methods import get_method
+
+    return args.exits is not None or get_method(args.method).default_exits is not None
+
+
+def _calibration_split(train_data: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """(the images to train on, the held-out ones the exits are calibrated on: not
+    augmented, never trained on; None without exits or with --calibration-samples 0)."""
+    from torch.utils.data import Subset
+
+    from oat_plugins import data as datasets
+
+    if args.calibration_samples < 0:
+        raise ValueError(f"--calibration-samples must be >= 0, got {args.calibration_samples}")
+    if args.calibration_samples == 0 or not _has_exits(args):
+        return train_data, None
+    if args.calibration_samples >= len(train_data):
+        raise ValueError(f"--calibration-samples {args.calibration_samples} leaves no training "
+                         f"image of the {len(train_data)}; use fewer, or 0")
+    held = set(datasets.balanced_subset(train_data, args.calibration_samples,
+                                        args.seed).indices)
+    plain = datasets.load_dataset(args.data, "train", data_dir=args.data_dir, augment=False,
+                                  download=not args.no_download, image_size=args.image_size)
+    rest = [i for i in range(len(train_data)) if i not in held]
+    return Subset(train_data, rest), Subset(plain, sorted(held))
+
+
+def _calibrate_exits(model: Any, held_out: Any, args: argparse.Namespace) -> None:
+    """Fit the exits' thresholds on the held-out training images at --exit-budget."""
+    with model.at(args.calibration_lambda):
+        try:
+            chosen = model.calibrate(held_out, budget=args.exit_budget)
+        except ValueError as err:  # an infeasible budget must not cost the trained model
+            print(f"exits not calibrated to --exit-budget: {err}. The held-out statistics are "
+                  "saved with the model: `oat-plugins eval --exit-budget B` picks another.")
+            return
+    print(f"exits calibrated at λ = {args.calibration_lambda:g} on {len(held_out)} held-out "
+          f"training images: mean MACs {chosen['mean_fraction']:.3f} of the backbone's, exit "
+          "shares " + ", ".join(f"{share:.2f}" for share in chosen["exit_shares"]))
+
+
 def _wrapped_model(args: argparse.Namespace) -> Any:
     """The backbone of --model (a timm name, or ``robustbench:NAME``), wrapped by --method."""
     import oat_plugins
@@ -230,7 +307,8 @@ def _wrapped_model(args: argparse.Namespace) -> Any:
     if args.model.startswith(ROBUSTBENCH_PREFIX):
         backbone = robustbench_model(args.model.removeprefix(ROBUSTBENCH_PREFIX), args)
         # A zoo model takes [0, 1] images and normalises inside (RobustBench's convention).
-        return oat_plugins.wrap(backbone, args.method, normalize=None, **options)
+        return oat_plugins.wrap(backbone, args.method, normalize=None, exits=args.exits,
+                                **options)
     import timm
 
     model_kwargs = dict(args.model_kwargs or {})
@@ -238,7 +316,7 @@ def _wrapped_model(args: argparse.Namespace) -> Any:
     backbone = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
     return oat_plugins.wrap(backbone, args.method,
                             normalize=datasets.dataset_stats(args.data) or "auto",
-                            model_kwargs=model_kwargs, **options)
+                            model_kwargs=model_kwargs, exits=args.exits, **options)
 
 
 def robustbench_model(name: str, args: argparse.Namespace) -> Any:
