@@ -70,6 +70,7 @@ with warnings.catch_warnings():
     import timm
 
 import oat_plugins
+from oat_plugins._malloc import tune_cpu_allocator
 from oat_plugins.data import TensorImageDataset, load_dataset, train_transform
 from oat_plugins.samplers import LambdaSampler
 from oat_plugins.train import TrainConfig, default_alpha, fit, make_attack, oat_loss
@@ -430,7 +431,8 @@ def environment(args, device: torch.device) -> dict[str, object]:
     env: dict[str, object] = {
         "device": str(device), "torch": torch.__version__, "timm": timm.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "args": vars(args)}
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "args": vars(args),
+        "glibc_malloc_tuned": getattr(args, "malloc_tuned", False)}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -494,6 +496,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the same for the plain and conditional rows
+    else:  # what fit does on a CPU, applied before any row so that every row runs with it
+        args.malloc_tuned = tune_cpu_allocator()
     sync = synchronizer(device)
     sections = args.sections.split(",")
     unknown = set(sections) - set(SECTIONS)
@@ -538,7 +542,9 @@ def write(out: Path, rows: list[Row], args, device: torch.device) -> None:
     header = (f"# bench/overhead.py\n\n{env['device']} {env.get('gpu', '')}, torch "
               f"{env['torch']}, timm {env['timm']}, {env['threads']} threads; medians of "
               f"{args.repeats} interleaved repeats (latency: {4 * args.repeats}), end to end "
-              f"{args.e2e_steps} timed steps × {args.e2e_rounds} rounds.")
+              f"{args.e2e_steps} timed steps × {args.e2e_rounds} rounds"
+              + ("; glibc malloc tuned as fit does (oat_plugins._malloc)."
+                 if env["glibc_malloc_tuned"] else "."))
     (out / "overhead.md").write_text(markdown(rows, header))
     (out / "overhead.json").write_text(json.dumps(
         {"environment": env, "rows": [asdict(r) for r in rows]}, indent=1))

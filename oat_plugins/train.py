@@ -46,6 +46,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from ._io import atomic_torch_save, atomic_write_text
+from ._malloc import tune_cpu_allocator
 from .attacks import (  # noqa: F401  (ATTACKS: public name)
     ATTACKS,
     build_attack,
@@ -704,6 +705,8 @@ class _Run:
         resume from (None: a fresh start)."""
         self._check_data()
         self.sampler = self._choose_sampler()
+        if self.device.type == "cpu":
+            tune_cpu_allocator()  # each step reuses the last one's freed memory (see _malloc)
         self.model.to(self.device)
         if self.d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
