@@ -55,12 +55,15 @@ def masked_effective(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor,
 
 
 # -- registration and options --------------------------------------------------------------
-def test_registered_with_extremes_sampler():
+def test_registered_with_the_default_recipes_sampler():
+    """The default recipe ('oat') samples OAT's λ set; FLOAT's own extremes stay one option
+    away."""
     assert {"float", "floats"} <= set(oat_plugins.available_methods())
     for name in ("float", "floats"):
         sampler = oat_plugins.get_method(name)().default_sampler()
-        assert isinstance(sampler, ExtremesLambdaSampler)
-        lam = sampler(8, torch.Generator().manual_seed(0))
+        assert sampler.lambdas == [0.0, 0.1, 0.2, 0.3, 0.4, 1.0]
+        extremes = oat_plugins.get_method(name)(recipe="reference").default_sampler()
+        lam = extremes(8, torch.Generator().manual_seed(0))
         assert sorted(lam.tolist()) == [0.0] * 4 + [1.0] * 4
 
 
@@ -581,11 +584,13 @@ def test_recipe_samplers():
 
 
 def test_recipe_round_trips_through_save_load(tmp_path):
-    model = oat_plugins.wrap(SMALL, "floats", model_kwargs={"num_classes": 10}, recipe="oat")
+    model = oat_plugins.wrap(SMALL, "floats", model_kwargs={"num_classes": 10},
+                             recipe="reference", norm_rule="switch")  # not the defaults
     oat_plugins.save(model, tmp_path / "m.pt")
     loaded = oat_plugins.load(tmp_path / "m.pt")
-    assert loaded.method.options.recipe == "oat"
-    assert loaded.method.default_sampler().lambdas == [0.0, 0.1, 0.2, 0.3, 0.4, 1.0]
+    assert (loaded.method.options.recipe, loaded.method.options.norm_rule) == \
+        ("reference", "switch")
+    assert isinstance(loaded.method.default_sampler(), ExtremesLambdaSampler)
 
 
 def test_default_recipe_is_the_documented_one():
@@ -593,7 +598,12 @@ def test_default_recipe_is_the_documented_one():
 
     from oat_plugins.methods.float import DEFAULT_RECIPE, FloatOptions, FloatsOptions
 
-    assert FloatOptions().recipe == FloatsOptions().recipe == DEFAULT_RECIPE
+    assert FloatOptions().recipe == FloatsOptions().recipe == DEFAULT_RECIPE == "oat"
+    # each recipe brings its own norm rule unless one is given; the checkpoint keeps it
+    assert FloatOptions().norm_rule == FloatsOptions().norm_rule == "interpolate"
+    assert FloatOptions(recipe="reference").norm_rule == "switch"
+    assert FloatOptions(recipe="oat", norm_rule="switch").norm_rule == "switch"
+    assert FloatOptions(dual_norm=False).norm_rule == "switch"
     doc = (Path(__file__).resolve().parent.parent / "docs" / "methods" / "float.md").read_text()
     assert f"| `recipe` | `'{DEFAULT_RECIPE}'` |" in doc
 
@@ -619,7 +629,8 @@ def _perturbed_bn_model(**options) -> oat_plugins.ConditionalModel:
 
 
 def test_norm_rule_interpolate_mixes_the_branches_and_exports():
-    switch, mixed = _perturbed_bn_model(), _perturbed_bn_model(norm_rule="interpolate")
+    switch = _perturbed_bn_model(norm_rule="switch")
+    mixed = _perturbed_bn_model(norm_rule="interpolate")
     mixed.load_state_dict(switch.state_dict())
     x = torch.rand(X)
     norm = next(m for m in mixed.modules() if isinstance(m, DualNorm))

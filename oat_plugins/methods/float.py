@@ -44,10 +44,14 @@ PRUNE_CRITERIA = ("magnitude", "snip")
 
 RECIPES = ("reference", "oat", "extremes")
 """FLOAT training recipes (the ``recipe`` option); see ``docs/methods/float.md``."""
-DEFAULT_RECIPE = "reference"
+DEFAULT_RECIPE = "oat"
 
 NORM_RULES = ("switch", "interpolate")
 """Dual-norm rule at intermediate λ (the ``norm_rule`` option)."""
+RECIPE_NORM_RULES = {"oat": "interpolate", "reference": "switch", "extremes": "switch"}
+"""Each recipe's norm rule when ``norm_rule`` is not given: 'oat' with 'interpolate' is the
+pair measured to make λ a dial (bench/RESULTS.md §10); the other two are published with the
+switch (the authors' code, the recipe as first landed)."""
 
 ROBUST_CLEAN_LAMBDA = 1e-4
 """λ at which the ``reference`` recipe trains the robust branch on clean images: any λ > 0
@@ -77,16 +81,19 @@ class FloatOptions:
     prune_scope: ``'layer'`` (each layer kept at ``density``) or ``'global'`` (one threshold).
     seed: seed of the fixed noise (layer i uses a generator seeded from (seed, i)).
     recipe: training recipe (the method's loss and default λ sampler):
-        ``'reference'`` (default): the authors' code; half of each batch at λ = 0, half at
+        ``'oat'`` (default): OAT's loss and OAT's λ set {0, .1, .2, .3, .4, 1} (noise scaled
+        by λ), the recipe measured to give a dial with ``norm_rule='interpolate'``;
+        ``'reference'``: the authors' code; half of each batch at λ = 0, half at
         λ = 1, every sample's clean image in the loss (the λ > 0 half on the robust norm
         with no noise, at λ = ``ROBUST_CLEAN_LAMBDA``):
         ``mean_i[0.5·CE(f_{0 or ε}(x_i)) + 0.5·[λ_i > 0]·CE(f_λi(x_adv_i))]``;
-        ``'oat'``: OAT's loss and OAT's λ set {0, .1, .2, .3, .4, 1} (noise scaled by λ);
         ``'extremes'``: OAT's loss on FLOAT's two extremes (the clean term of the λ = 1 half
         weighs 0: the robust branch never sees a clean image).
-    norm_rule: ``'switch'`` (default): the shared dual-norm rule, any λ > 0 on the robust
-        norm; ``'interpolate'``: (1 − λ)·clean(x) + λ·robust(x) at 0 < λ < 1 (still one
-        plain norm when exported).
+    norm_rule: ``'interpolate'``: (1 − λ)·clean(x) + λ·robust(x) at 0 < λ < 1 (still one
+        plain norm when exported); ``'switch'``: the shared dual-norm rule, any λ > 0 on the
+        robust norm (the authors' code switches at λ ≥ 0.1). Default (None): the recipe's
+        own (:data:`RECIPE_NORM_RULES`: 'interpolate' for 'oat', 'switch' for the others;
+        'switch' without dual norms); the checkpoint stores the rule chosen.
     """
 
     noise: str = "fixed"
@@ -100,13 +107,15 @@ class FloatOptions:
     prune_scope: str = "layer"
     seed: int = 0
     recipe: str = DEFAULT_RECIPE
-    norm_rule: str = "switch"
+    norm_rule: str | None = None
 
     def __post_init__(self) -> None:
+        check_choice(self.recipe, RECIPES, "FLOAT recipe")
+        if self.norm_rule is None:
+            self.norm_rule = RECIPE_NORM_RULES[self.recipe] if self.dual_norm else "switch"
         check_choice(self.norm_rule, NORM_RULES, "norm_rule")
         if self.norm_rule != "switch" and not self.dual_norm:
             raise ValueError(f"norm_rule={self.norm_rule!r} needs dual_norm=True")
-        check_choice(self.recipe, RECIPES, "FLOAT recipe")
         check_choice(self.noise, NOISE_MODES, "noise mode")
         if self.density is not None:
             check_density(self.density)
