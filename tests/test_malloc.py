@@ -28,7 +28,7 @@ def test_fit_on_a_cpu_tunes_the_allocator_once(tmp_path, monkeypatch):
     from oat_plugins.train import TrainConfig, fit
 
     monkeypatch.setattr(_malloc, "_tuned", None)
-    model = oat_plugins.wrap("resnet10t", "float", model_kwargs={
+    model = oat_plugins.wrap("resnet10t", "float", recipe="reference", model_kwargs={
         "num_classes": 10, "channels": (8, 16, 16, 16), "stem_width": 8})
     data = TensorDataset(torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,)))
     fit(model, data, TrainConfig(epochs=1, batch_size=8, steps=1, max_steps=1, device="cpu",
