@@ -19,11 +19,16 @@ class LambdaSampler:
 
 
 class DiscreteLambdaSampler(LambdaSampler):
-    """OAT's sampler: λ drawn uniformly per sample from a discrete set, with a fixed share of
-    each batch at λ = 0 (default: the share 1/len(lambdas) of uniform sampling, made exact).
+    """OAT's sampler: λ uniform per sample over a discrete set, with a fixed share of each
+    batch at λ = 0 (default: the share 1/len(lambdas) of uniform sampling, made exact).
 
     Fixing the λ = 0 count per batch keeps both norm branches in use in every step, which
-    DistributedDataParallel needs and which stabilises the clean BN statistics.
+    DistributedDataParallel needs and which stabilises the clean BN statistics. The other
+    samples are spread over the λ > 0 values in equal counts (the remainder going to values
+    drawn at random), then the batch is shuffled: each value's expected share is that of
+    uniform draws, and the smallest λ group is as large as the batch allows, which methods
+    that run one forward per λ group need (``float``, ``floats``, ``smart``: a group of one
+    sample cannot be batch-normalised at 1×1).
     """
 
     def __init__(
@@ -47,8 +52,10 @@ class DiscreteLambdaSampler(LambdaSampler):
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         n_clean = round(self.clean_fraction * batch_size)
-        idx = torch.randint(len(self._nonzero), (batch_size - n_clean,), generator=generator)
-        lam = torch.cat([torch.zeros(n_clean), self._nonzero[idx]])
+        n_rest, k = batch_size - n_clean, len(self._nonzero)
+        counts = torch.full((k,), n_rest // k)
+        counts[torch.randperm(k, generator=generator)[: n_rest % k]] += 1
+        lam = torch.cat([torch.zeros(n_clean), self._nonzero.repeat_interleave(counts)])
         return lam[torch.randperm(batch_size, generator=generator)]
 
     def describe(self) -> dict:

@@ -765,3 +765,22 @@ def test_fit_trains_a_method_that_serves_lambda_groups(tmp_path):
     assert result["finished"] and torch.isfinite(torch.tensor(result["history"][0]["loss"]))
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert model.lam == 0.0
+
+
+def test_oat_sampler_spreads_each_batch_evenly_over_the_nonzero_lambdas():
+    """The λ = 0 share is exact and every λ > 0 value gets n // k or n // k + 1 samples of the
+    rest (so a method that runs one forward per λ group never gets a group of one from a batch
+    of 16), in a shuffled order that changes from batch to batch."""
+    from oat_plugins.samplers import DiscreteLambdaSampler
+
+    sampler = DiscreteLambdaSampler()  # OAT's {0, .1, .2, .3, .4, 1}, 1/6 at λ = 0
+    generator = torch.Generator().manual_seed(0)
+    batches = [sampler(16, generator) for _ in range(60)]
+    totals = torch.zeros(6)
+    for lam in batches:
+        values, counts = lam.unique(return_counts=True)
+        assert values.tolist() == pytest.approx(sampler.lambdas)
+        assert counts[0] == 3 and set(counts[1:].tolist()) <= {2, 3}
+        totals += counts
+    assert totals[1:].min() >= 0.9 * totals[1:].max()  # the extra samples rotate over values
+    assert len({tuple(lam.tolist()) for lam in batches}) == len(batches)
