@@ -163,7 +163,7 @@ def test_eval_errors_for_missing_checkpoint_and_unknown_data(checkpoint, tmp_pat
 
 def test_demo_end_to_end_with_tiny_settings(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--model-kwargs", json.dumps(TINY), "--epochs", "1",
+    code = main(["demo", "--from-scratch", "--model-kwargs", json.dumps(TINY), "--epochs", "1",
                  "--max-steps", "2", "--batch-size", "32", "--lambdas", "0,1",
                  "--steps", "1", "--n-examples", "16", "--out", str(out), "--no-progress"])
     assert code == 0
