@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import shlex
@@ -39,7 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from tradeoff import load_data, setting_parser  # noqa: E402
 
 import oat_plugins  # noqa: E402
-from oat_plugins._io import atomic_write_text  # noqa: E402
+from oat_plugins._io import atomic_write_text, file_sha256  # noqa: E402
 from oat_plugins.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from oat_plugins.evaluate import SweepResult, evaluate  # noqa: E402
 from oat_plugins.train import STOP_SIGNALS, TrainConfig, fit  # noqa: E402
@@ -162,13 +161,9 @@ def card(args: argparse.Namespace, argv: list[str], result: SweepResult, path: P
         "rows": [{"lam": row.lam, "clean_acc": row.clean_acc, "robust_acc": row.robust_acc}
                  for row in result],
         "dial": result.dial().summary(),
-        "file": {"name": MODEL_FILE, "bytes": path.stat().st_size, "sha256": sha256(path),
+        "file": {"name": MODEL_FILE, "bytes": path.stat().st_size, "sha256": file_sha256(path),
                  "parameter_dtype": args.dtype, "max_relative_logit_error": error},
     }
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

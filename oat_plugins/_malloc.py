@@ -4,10 +4,11 @@ A conditioned layer computes a new weight-sized tensor every training forward (F
 W + λ·α·η, a masked weight), and a training step frees and reallocates its activations. With
 glibc's default thresholds, large freed blocks are trimmed from the heap or unmapped, so the
 next step page-faults the same amount of memory in again: measured on resnet18 (32², batch 32,
-1 thread, ``bench/weight_ab.py``), convolving a fresh copy of each weight cost 1.25× the plain
-forward + backward with the defaults and 1.05× with the thresholds below, and float's training
-forward + backward went from 1.35× to 1.14× plain. PyTorch's CUDA caching allocator makes
-this moot on a GPU; jemalloc or tcmalloc (``LD_PRELOAD``) have the same effect on a CPU.
+1 thread, ``bench/weight_ab.py``), convolving a fresh copy of each weight cost 1.29× the plain
+forward + backward with the defaults and 1.03× with the thresholds below, and float's training
+forward + backward went from 1.38× to 1.13× plain (bench/RESULTS.md §1). PyTorch's CUDA
+caching allocator makes this moot on a GPU; jemalloc or tcmalloc (``LD_PRELOAD``) have the same
+effect on a CPU.
 """
 
 from __future__ import annotations

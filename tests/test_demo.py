@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import oat_plugins
+from oat_plugins._io import file_sha256
 from oat_plugins.cli import main
 from oat_plugins.cli.demo import SHIPPED_MODEL, load_shipped
 from oat_plugins.data import load_dataset
@@ -67,7 +68,7 @@ def test_demo_sweeps_exports_and_finetunes_the_model_it_is_given(tiny_demo_model
     assert "| λ | clean acc (%)" in printed and "export(λ = 0.5): a plain" in printed
     result = SweepResult.from_json(out / "metrics.json")
     assert result.lambdas == [0.0, 1.0] and all(r.n == 16 for r in result)
-    assert result.meta["card"]["file"]["sha256"] == demo_model.sha256(tiny_demo_model)
+    assert result.meta["card"]["file"]["sha256"] == file_sha256(tiny_demo_model)
     shipped, saved = oat_plugins.load(tiny_demo_model), oat_plugins.load(out / "model.pt")
     x = load_dataset("bundled", "test")[0][0][None]
     with torch.no_grad(), shipped.at(0.5), saved.at(0.5):
@@ -99,7 +100,7 @@ def test_demo_refuses_a_model_file_its_card_does_not_describe(tiny_demo_model, t
 def test_the_shipped_model_is_the_file_its_card_describes():
     card = json.loads(SHIPPED_MODEL.with_suffix(".json").read_text())
     assert card["command"].startswith("python bench/demo_model.py")
-    assert card["file"]["sha256"] == demo_model.sha256(SHIPPED_MODEL)
+    assert card["file"]["sha256"] == file_sha256(SHIPPED_MODEL)
     assert SHIPPED_MODEL.stat().st_size == card["file"]["bytes"] <= 5 * 2**20
 
 
@@ -112,3 +113,11 @@ def test_the_shipped_model_trades_clean_for_robust_accuracy_on_held_out_images()
     at0, at1 = rows.row(0.0), rows.row(1.0)
     assert at0.clean_acc > at1.clean_acc + 0.03
     assert at1.robust_acc > at0.robust_acc + 0.05
+
+
+def test_demo_refuses_a_negative_number_of_finetuning_steps(tiny_demo_model, tmp_path, capsys):
+    argv = _demo_argv(tiny_demo_model, tmp_path / "run")
+    argv[argv.index("--finetune-steps") + 1] = "-1"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--finetune-steps must be >= 0" in err[0]

@@ -10,13 +10,13 @@ and a few CPU minutes)."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._io import file_sha256
 from ._common import json_object, parse_lambdas, positive_int, unit_float
 
 if TYPE_CHECKING:
@@ -109,6 +109,9 @@ def run_shipped(args: argparse.Namespace) -> int:
     import oat_plugins
     from oat_plugins.data import load_dataset
 
+    if args.finetune_steps < 0:
+        raise ValueError(f"--finetune-steps must be >= 0 (0: no fine-tuning), got "
+                         f"{args.finetune_steps}")
     out = Path(args.out)
     model, card = load_shipped(Path(args.model_file))
     print(provenance(card))
@@ -141,7 +144,7 @@ def load_shipped(path: Path) -> tuple[ConditionalModel, dict[str, Any]]:
             f"no demo model at {path} (or no card {card_path.name} beside it); make one with "
             "`python bench/demo_model.py --install`, or run `oat-plugins demo --from-scratch`")
     card = json.loads(card_path.read_text())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     if digest != card["file"]["sha256"]:
         raise ValueError(f"{path} does not match its card (sha256 {digest[:12]}… vs "
                          f"{card['file']['sha256'][:12]}…); reinstall the package or rebuild "
