@@ -126,6 +126,16 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         with self.condition.at(lam):
             yield self
 
+    def set_density(self, density: float) -> ConditionalModel:
+        """Keep only a fraction ``density`` of the masked weights: a compute knob set after
+        training, like λ and the exit budget (masked methods: ``floats``, ``float`` with a
+        density; others raise ``ValueError``). The largest weights of the trained mask stay,
+        so the masks are nested; any density up to the trained one can be set again, and
+        the trained one restores the trained model exactly. The masks are buffers: a saved
+        model keeps the density it was saved at, and ``export`` folds it."""
+        self.method.set_density(self, density)
+        return self
+
     @contextlib.contextmanager
     def frozen(self) -> Iterator[ConditionalModel]:
         """Treat the conditioning weights as constants inside the block: at a scalar λ,

@@ -371,6 +371,47 @@ def test_floats_zeros_survive_weight_decay_and_momentum(optimizer):
     assert abs(masked_density(model) - 0.3) <= 0.01
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_density_knob_nests_masks_and_restores_the_trained_model(scope, tmp_path):
+    _, model = small("floats", density=0.5, prune_scope=scope)
+    model.eval().set_lambda(0.5)
+    x = torch.rand(X)
+    trained = [mask.mask.clone() for _, _, mask in weight_masks(model)]
+    with torch.no_grad():
+        for _ in range(model.serve_after + 1):  # the served export is built: must not go stale
+            y_trained = model(x)
+        model.set_density(0.25)
+        y_sparser = model(x)
+        assert torch.allclose(y_sparser, model.export()(x), atol=1e-6)
+    assert not torch.allclose(y_sparser, y_trained, atol=1e-4)
+    assert abs(masked_density(model) - 0.25) <= 0.01
+    for (w, original, mask), before in zip(masked_effective(model), trained, strict=True):
+        assert torch.all(before[mask])  # nested: a subset of the trained mask
+        assert torch.all(w[~mask] == 0)
+        if scope == "layer":  # the largest trained weights stay
+            assert original[mask].abs().min() >= original[before & ~mask].abs().max()
+    oat_plugins.save(model, tmp_path / "m.pt")  # a reload keeps the density it was saved at
+    with torch.no_grad():
+        assert torch.equal(oat_plugins.load(tmp_path / "m.pt").eval().set_lambda(0.5)(x),
+                           y_sparser)
+        model.set_density(0.5)
+        assert torch.equal(model(x), y_trained)
+    for (_, _, mask), before in zip(weight_masks(model), trained, strict=True):
+        assert torch.equal(mask.mask, before)
+
+
+@pytest.mark.parametrize(("method", "options", "density", "match"), [
+    ("floats", {"density": 0.5}, 0.6, "above the trained density 0.5"),
+    ("floats", {"density": 0.5}, 0.0, "density must be a number in"),
+    ("float", {}, 0.3, "no density knob"),
+    ("film", {}, 0.3, "no density knob"),
+])
+def test_density_knob_refuses_what_it_cannot_do(method, options, density, match):
+    _, model = small(method, **options)
+    with pytest.raises(ValueError, match=match):
+        model.set_density(density)
+
+
 def test_masks_from_scores_exact_counts():
     scores = [torch.rand(10, 10), torch.rand(7), torch.rand(3, 3)]
     for scope in ("layer", "global"):

@@ -9,8 +9,9 @@ create-and-replace, unload-and-merge):
 3. forward: :meth:`Method.forward` (inference) and :meth:`Method.training_forward`;
 4. loss: :meth:`Method.training_loss` sees a :class:`~oat_plugins.losses.LossContext`;
 5. export: :meth:`Method.export` folds back to a plain module at a fixed λ;
-6. report: :meth:`Method.report` adds lines to ``model.summary()``;
-7. λ sampling: :meth:`Method.default_sampler` and :meth:`Method.check_sampler`.
+6. compute knobs set after training: :meth:`Method.set_density` (masked methods);
+7. report: :meth:`Method.report` adds lines to ``model.summary()``;
+8. λ sampling: :meth:`Method.default_sampler` and :meth:`Method.check_sampler`.
 
 Adding a method touches no core file: see ``docs/adding-a-method.md``.
 """
@@ -113,12 +114,19 @@ class Method:
             copied.condition.lam = lam
             return fold_conditioned(copied.backbone)
 
-    # -- 6. report -------------------------------------------------------------------------
+    # -- 6. compute knobs set in situ -------------------------------------------------------
+    def set_density(self, model: ConditionalModel, density: float) -> None:
+        """Keep only a fraction ``density`` of the masked weights, after training (see
+        :meth:`ConditionalModel.set_density`). Default: the method has no such knob."""
+        raise ValueError(f"method {self.name!r} has no density knob: only a masked model "
+                         "('floats', or 'float' with density=...) can set one")
+
+    # -- 7. report -------------------------------------------------------------------------
     def report(self, model: ConditionalModel) -> list[str]:
         """Extra lines for ``model.summary()`` (e.g. sparsity). Default: none."""
         return []
 
-    # -- 7. λ sampling ---------------------------------------------------------------------
+    # -- 8. λ sampling ---------------------------------------------------------------------
     def default_sampler(self) -> LambdaSampler:
         """The λ sampler the method is trained with by default."""
         raise NotImplementedError

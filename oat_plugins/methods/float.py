@@ -208,6 +208,31 @@ class Float(Method):
         if any(mask.pending for _, _, mask in weight_masks(model.backbone)):
             snip_prune(model, x, y)
 
+    def set_density(self, model: ConditionalModel, density: float) -> None:
+        """Keep the largest |W| of the trained mask at ``density`` (≤ the trained density;
+        same scope as the trained mask). The dropped weights keep their values in the
+        parameter, so asking for the trained density again restores its mask exactly."""
+        found = weight_masks(model.backbone)
+        trained = self.options.density
+        if trained is None or not found:
+            super().set_density(model, density)
+        if any(mask.pending for _, _, mask in found):
+            raise ValueError("the masks are not chosen yet (pending until the first training "
+                             "batch): train the model before setting a density")
+        check_density(density)
+        if density > trained + 1e-9:
+            raise ValueError(f"density {density:g} is above the trained density {trained:g}: "
+                             "the weights outside the trained mask are zero; allowed: "
+                             f"(0, {trained:g}]")
+        with torch.no_grad():
+            weights = [m.parametrizations[name].original for m, name, _ in found]
+            # The trained mask's entries are the non-zero ones (apply_mask zeroed the rest,
+            # which no gradient or weight decay moves): the nested masks stay inside it.
+            chosen = masks_from_scores(magnitude_scores(weights), density,
+                                       self.options.prune_scope, alive=[w != 0 for w in weights])
+        for (_, _, mask), keep in zip(found, chosen, strict=True):
+            mask.set_mask(keep)
+
     def report(self, model: ConditionalModel) -> list[str]:
         found = weight_masks(model.backbone)
         if not found:
