@@ -34,8 +34,17 @@ class LossForward(nn.Module):
         self.model = model
 
     def forward(self, inputs: torch.Tensor, lam: torch.Tensor) -> Any:
-        with self.model.at(lam):
+        with self.model.at(uniform_value(lam)):
             return self.model.training_outputs(inputs)
+
+
+def uniform_value(lam: torch.Tensor) -> float | torch.Tensor:
+    """A per-sample λ whose samples all share one value (a batch trained or attacked at one
+    λ, e.g. fine-tuning at λ = 1) as that scalar: the model then computes its conditioned
+    pieces once for the batch (film: FiLM's γ, β; folded norms in an attack), not once per
+    sample. The same function and gradients; any other λ is returned as it is."""
+    low, high = torch.stack(torch.aminmax(lam.detach())).tolist()
+    return float(low) if low == high else lam
 
 
 @dataclass

@@ -443,17 +443,20 @@ def adversarial_examples(model: ConditionalModel, attack: torchattacks.attack.At
                          x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """Adversarial examples with each sample attacked at its λ.
 
-    In one call at the per-sample λ when the method serves it in one batched forward and the
-    attack only queries its whole batch (PGD, FGSM-RS, ...); otherwise one λ group at a time,
+    In one call at the scalar λ when the batch has one; at the per-sample λ when the method
+    serves it in one batched forward and the attack only queries its whole batch (PGD,
+    FGSM-RS, ...); otherwise one λ group at a time,
     each at a scalar λ, so that attacks that query the model on a subset of their batch
     (APGD, APGDT, FAB, Square, AutoAttack) see a consistent model."""
     # frozen: the conditioned pieces (each group's folded weights, FiLM's per-sample γ, β)
     # are computed once per attack, not once per attack step
-    if not model.method.lambda_groups and queries_whole_batch(attack):
-        with model.at(lam), model.frozen():
+    groups = lambda_groups(lam)
+    if len(groups) == 1 or (not model.method.lambda_groups and queries_whole_batch(attack)):
+        # one λ for the batch: attacked at that scalar λ, where the model folds the most
+        with model.at(groups[0][0] if len(groups) == 1 else lam), model.frozen():
             return attack(x, y).detach()
     x_adv = torch.empty_like(x)
-    for value, idx in lambda_groups(lam):
+    for value, idx in groups:
         with model.at(value), model.frozen():
             x_adv[idx] = attack(x[idx], y[idx]).detach()
     return x_adv

@@ -215,6 +215,47 @@ def test_the_training_attack_computes_conditioned_pieces_once_per_attack(method)
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_a_batch_at_one_lambda_is_attacked_and_trained_at_that_scalar_lambda(method):
+    """One λ for the whole batch (fine-tuning at λ = 1, the equal-work benchmark rows): the
+    attack and the training forward run at the scalar λ, where the conditioned pieces are
+    computed once for the batch, and find the same examples, loss and gradients as at the
+    per-sample λ."""
+    from oat_plugins.losses import LossForward
+    from oat_plugins.train import adversarial_examples
+    model = build(method)
+    lam = torch.full((4,), 0.7)
+    attack = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=3, random_start=True)
+    scalar_seen = []
+    model.backbone.register_forward_pre_hook(
+        lambda *_: scalar_seen.append(model.condition.is_scalar))
+    torch.manual_seed(11)
+    x_adv = adversarial_examples(model, attack, X, Y, lam)
+    assert scalar_seen and all(scalar_seen)
+    torch.manual_seed(11)
+    with model.at(lam):  # the per-sample λ, nothing frozen
+        reference = attack(X, Y)
+    torch.testing.assert_close(x_adv, reference)
+
+    def per_sample_outputs():
+        with model.at(lam):
+            return model.training_outputs(x_adv)
+
+    model.train()
+    losses, grads = [], []
+    for run in (lambda: LossForward(model)(x_adv, lam), per_sample_outputs):
+        scalar_seen.clear()
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(run(), Y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        assert scalar_seen and (all(scalar_seen) or len(losses) == 2)
+    torch.testing.assert_close(losses[0], losses[1])
+    for a, b in zip(*grads, strict=True):  # float32 sums in another order: 1e-5 of the scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_the_cached_training_attack_finds_the_same_examples(method):
     from oat_plugins.train import adversarial_examples
     model, lam, attack = training_attack_inputs(method)
