@@ -381,8 +381,9 @@ class Report:
 
 
 # -- main --------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = setting_parser(__doc__, train_attack="pgd", train_steps=3,
+def build_parser(doc: str = __doc__) -> argparse.ArgumentParser:
+    """This bench's arguments (bench/knobs.py adds its own to them)."""
+    p = setting_parser(doc, train_attack="pgd", train_steps=3,
                        train_attack_help="PGD-AT's training attack")
     p.add_argument("--method", default="multiexit",
                    help="the multi-exit model, name[:key=value], e.g. multiexit:exits=[1,2]")
@@ -409,7 +410,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retrain", action="store_true", help="ignore cached models")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(train_lambdas=None, clean_fraction=None)  # what tradeoff's _config reads
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _setting(args: argparse.Namespace, data: Data, device: torch.device) -> str:
