@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Where float's training forward + backward spends its time beyond the plain model's: an A/B
-in one process, rows interleaved round by round (so a drifting load hits them alike).
+"""Where the conditioned training forward + backward spends its time beyond the plain model's:
+an A/B in one process, rows interleaved round by round (so a drifting load hits them alike).
 
 Rows, each one cross-entropy forward + backward of a batch (training mode):
 
@@ -11,7 +11,9 @@ Rows, each one cross-entropy forward + backward of a batch (training mode):
   ``W + (α·λ)·η`` (the code before the fused op);
 - ``clone only``: the plain backbone with each conv's weight cloned before use (a fresh
   weight-sized tensor per conv and forward, no arithmetic): the cost of convolving a new
-  tensor instead of a resident parameter.
+  tensor instead of a resident parameter;
+- ``floats``, ``film``: ``wrap(..., 'floats')`` (density 0.5: (W + λ·α·η) ⊙ M) and
+  ``wrap(..., 'film')`` at λ = 1, the training pass of a step at equal work.
 
     OMP_NUM_THREADS=1 python bench/weight_ab.py --model resnet18 --size 32 --batch 32
     OMP_NUM_THREADS=1 python bench/weight_ab.py --tune-malloc   # as oat_plugins.train.fit runs
@@ -83,27 +85,27 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     plain = timm.create_model(args.model, num_classes=10).train()
-    model = oat_plugins.wrap(timm.create_model(args.model, num_classes=10), "float").train()
+    model, floats, film = (oat_plugins.wrap(timm.create_model(args.model, num_classes=10),
+                                            method).train().set_lambda(1.0)
+                           for method in ("float", "floats", "film"))
     x = torch.rand(args.batch, 3, args.size, args.size)
     y = torch.randint(0, 10, (args.batch,))
 
     def step(net: nn.Module) -> None:
         F.cross_entropy(net(x), y).backward()
 
-    def at_one() -> None:
-        with model.at(1.0):
-            step(model)
-
     def unfused() -> None:
         with _UnfusedNoise():
-            at_one()
+            step(model)
 
     def cloned() -> None:
         with _ClonedWeights():
             step(plain)
 
-    rows: dict[str, Callable[[], None]] = {"plain": lambda: step(plain), "float fused": at_one,
-                                           "float unfused": unfused, "clone only": cloned}
+    rows: dict[str, Callable[[], None]] = {
+        "plain": lambda: step(plain), "float fused": lambda: step(model),
+        "float unfused": unfused, "clone only": cloned,
+        "floats": lambda: step(floats), "film": lambda: step(film)}
     times: dict[str, list[float]] = {name: [] for name in rows}
     for r in range(args.warmup + args.repeats):
         for name, run in rows.items():
