@@ -106,6 +106,11 @@ class Condition:
         conditioning weights."""
         return self.is_scalar and self.weights_constant
 
+    @property
+    def is_frozen(self) -> bool:
+        """Inside :meth:`frozen`: the weights stay constant for a while (an attack's steps)."""
+        return self._frozen
+
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """Treat the conditioning weights as constants inside the block (gradients still flow

@@ -35,7 +35,7 @@ from .layers.base import ConditionedModule, FoldableParametrization, FoldCache
 from .losses import LossContext, Stats
 from .methods import Method, get_method
 from .stats import count_nonzero
-from .surgery import foreign_modules, summarize
+from .surgery import folded_state, foreign_modules, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,9 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         self.serve_exports = True
         self.serve_after = SERVE_AFTER
         self._served: FoldCache[_HeldExport] = FoldCache()
+        # One per inference mode: tensors made under it cannot be saved for a backward pass,
+        # and inference tensors cannot be written outside it.
+        self._serving = {False: _ServedModule(), True: _ServedModule()}
         logger.info("wrapped %s with %r:\n%s", type(backbone).__name__, method.name,
                     summarize(self.replacements))
 
@@ -156,6 +159,7 @@ class ConditionalModel(MultiExitAPI, nn.Module):
             for value in vars(module).values():
                 if isinstance(value, FoldCache):
                     value.clear()
+        self._drop_served()
 
     @property
     def method_name(self) -> str:
@@ -240,7 +244,7 @@ class ConditionalModel(MultiExitAPI, nn.Module):
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
         """timm's ``reset_classifier``; the new head is plain (not conditioned)."""
         self.backbone.reset_classifier(num_classes, *args, **kwargs)
-        self._served.clear()  # its tensors are found again: the head's are new
+        self._drop_served()  # its tensors are found again: the head's are new
         note_reset_classifier(self.backbone_spec, num_classes, *args, **kwargs)
 
     # -- serving the export -----------------------------------------------------------------
@@ -252,46 +256,71 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         scalar λ, no gradient wanted for the parameters: ``torch.no_grad``, inference mode or
         :meth:`frozen`), ``forward`` runs :meth:`export`'s module at the current λ: on a GPU the
         conditioned forward is launch-bound and pays Python per layer, the export does not.
-        It is built once ``serve_after`` such forwards (default :data:`SERVE_AFTER`) found
-        nothing changed, so that a training attack, whose weights change every step, keeps
-        the conditioned layers instead of copying the model per step. It is kept for the last
-        λ only (memory: one more copy of the weights) and rebuilt when
-        λ, the inference mode or any parameter or buffer changes (object, storage or version:
-        optimizer steps, ``load_state_dict``, ``.to()``); ``train()`` and moves drop it. Its
-        parameters need no gradient; gradients w.r.t. the inputs flow. A model that draws
-        fresh noise every forward (resample), or whose export is not possible yet (masks
-        still to be chosen from data), runs conditioned. Set ``model.serve_exports = False``
-        to always run conditioned. The export is a deep copy: forward hooks on inner modules
-        are copied as they were when it was built. After adding or removing such hooks,
-        replacing submodules by hand or writing through ``.data``, call
+        It is served from the first forward inside :meth:`frozen` (an attack: its steps run
+        on unchanged weights), otherwise once ``serve_after`` such forwards (default
+        :data:`SERVE_AFTER`) found nothing changed. It is valid for the last λ only and is
+        renewed when λ, the inference mode or any parameter or buffer changes (object,
+        storage or version: optimizer steps, ``load_state_dict``): the first time by copying
+        and folding the model, later by writing the folded tensors into the same module in
+        place (one copy of the weights, no new module; a training step's attack pays that,
+        not a copy of the model). Memory: one more copy of the weights, kept also in
+        training mode for the next attack; ``.to()`` and other moves drop it. Its parameters
+        need no gradient; gradients w.r.t. the inputs flow. A model that draws fresh noise
+        every forward (resample), or whose export is not possible yet (masks still to be
+        chosen from data), runs conditioned. Set ``model.serve_exports = False`` to always
+        run conditioned. The served module is a deep copy: forward hooks on inner modules
+        are copied as they were when it was first built. After adding or removing such
+        hooks, replacing submodules by hand or writing through ``.data``, call
         :meth:`clear_fold_caches`.
         """
         if not self.serve_exports or self.training or not self.condition.serves_folded:
             return None
         held = self._served.get(self.condition.lam, (), _HeldExport, module=self)
         held.forwards += 1
-        if not held.built and held.forwards >= self.serve_after:
+        if not held.built and (self.condition.is_frozen or held.forwards >= self.serve_after):
             with torch.no_grad():
                 held.module, held.built = self._export_to_serve(), True
         return held.module
 
     def _export_to_serve(self) -> nn.Module | None:
+        """The served module at the current λ: the held one with its tensors refreshed, or
+        a new export (None when the model cannot be served)."""
         if not self.deterministic:
             return None
+        serving = self._serving[torch.is_inference_mode_enabled()]
+        if serving.refresh(self._served_sources):
+            return serving.module
         try:
-            served = self._export_backbone(self.condition.lam, exits=True)
+            folded = self._fold_backbone(self.condition.lam)
         except RuntimeError as err:  # e.g. masks still to be chosen from data
             logger.debug("serving the conditioned forward: %s", err)
             return None
-        return served.requires_grad_(False).eval()
+        targets = dict(folded.state_dict(keep_vars=True))  # before the exits are moved out
+        served = self._with_exits(folded, exits=True).requires_grad_(False).eval()
+        if isinstance(served, MultiExitNet):
+            targets[_THRESHOLDS] = served.thresholds  # a copy of the router's
+        serving.hold(served, targets)
+        return served
+
+    def _served_sources(self) -> dict[str, torch.Tensor]:
+        """The tensors of the served module at the current λ, by the names of its targets."""
+        sources = folded_state(self.backbone)
+        if self.exits is not None:
+            sources[_THRESHOLDS] = self.exits.thresholds
+        return sources
+
+    def _drop_served(self) -> None:
+        self._served.clear()
+        for held in self._serving.values():
+            held.clear()
 
     def train(self, mode: bool = True) -> ConditionalModel:
-        if mode:  # a served export is never used in training: free its weights
+        if mode:  # never served in training; the served module stays for the next attack
             self._served.clear()
         return super().train(mode)
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> ConditionalModel:
-        self._served.clear()  # .to(), .half(), ...: a held export would keep the old copy
+        self._drop_served()  # .to(), .half(), ...: a held export would keep the old copy
         return super()._apply(fn, *args, **kwargs)
 
     # -- export and reporting --------------------------------------------------------------
@@ -312,6 +341,10 @@ class ConditionalModel(MultiExitAPI, nn.Module):
 
     def _export_backbone(self, lam: object, exits: bool) -> nn.Module:
         """:meth:`export` without the normaliser."""
+        return self._with_exits(self._fold_backbone(lam), exits)
+
+    def _fold_backbone(self, lam: object) -> nn.Module:
+        """The method's export of the backbone at scalar ``lam``, exit heads still inside."""
         if not isinstance(lam, (int, float)) or isinstance(lam, bool):
             raise ValueError(f"export needs one scalar λ in [0, 1], got {lam!r}")
         if not self.deterministic:
@@ -319,7 +352,11 @@ class ConditionalModel(MultiExitAPI, nn.Module):
                 f"method {self.method_name!r} is configured to draw fresh noise every forward "
                 "(resample); its function at a fixed λ is random and cannot be exported"
             )
-        backbone = self.method.export(self, float(lam))
+        return self.method.export(self, float(lam))
+
+    def _with_exits(self, backbone: nn.Module, exits: bool) -> nn.Module:
+        """The folded ``backbone`` with its exit heads moved out (see :meth:`export`), checked
+        to hold no conditioned module."""
         if self.exits is not None:
             backbone = export_exits(self.exits, backbone, keep=exits)
         left = [name for name in foreign_modules(backbone)
@@ -355,6 +392,50 @@ class ConditionalModel(MultiExitAPI, nn.Module):
     def extra_repr(self) -> str:
         lam = self.lam if self.condition.is_scalar else "per-sample"
         return f"method={self.method_name!r}, lam={lam}"
+
+
+_THRESHOLDS = "exit thresholds"
+"""The served module's copy of the router's thresholds, among its targets (no state-dict name
+has a space)."""
+
+
+class _ServedModule:
+    """The module the served export runs, kept from one key to the next so that a new key
+    writes its folded tensors into it (``refresh``) instead of copying and folding the model
+    again. A plain object, not a submodule: it is in no state dict, ``parameters()`` or
+    deep copy of the model."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.module: nn.Module | None = None
+        self.targets: dict[str, torch.Tensor] = {}
+
+    def hold(self, module: nn.Module, targets: dict[str, torch.Tensor]) -> None:
+        """Keep ``module``, whose tensors are ``targets`` under the names the folded backbone
+        gives them (see :func:`~oat_plugins.surgery.folded_state`)."""
+        self.module, self.targets = module, targets
+
+    @torch.no_grad()
+    def refresh(self, sources: Callable[[], dict[str, torch.Tensor]]) -> bool:
+        """Write the tensors ``sources()`` gives (by target name) into the held module.
+        False (and nothing held any more) when there is none or the tensors do not match,
+        e.g. after a method's own export or a new head: then it is built afresh."""
+        if self.module is None:
+            return False
+        state = sources()
+        if state.keys() != self.targets.keys() or any(
+                state[k].shape != t.shape or state[k].dtype != t.dtype
+                for k, t in self.targets.items()):
+            self.clear()
+            return False
+        for name, target in self.targets.items():
+            target.copy_(state[name])
+        return True
+
+    def __deepcopy__(self, memo: dict) -> _ServedModule:
+        return _ServedModule()  # a copy of the model starts without one
 
 
 class _HeldExport:

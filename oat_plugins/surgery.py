@@ -101,6 +101,33 @@ def fold_conditioned(root: nn.Module) -> nn.Module:
     return root
 
 
+@torch.no_grad()
+def folded_state(root: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict that :func:`fold_conditioned` gives a copy of ``root``, at the current
+    scalar λ, without copying ``root``: each conditioned module folded on its own, each
+    parametrized tensor read through its parametrizations (served by their fold caches), the
+    other parameters and persistent buffers as they are. The served export refreshes its
+    tensors from it."""
+    state: dict[str, torch.Tensor] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, ConditionedModule):
+            state.update((prefix + k, v) for k, v in module.fold().state_dict().items())
+            return
+        parametrized = parametrize.is_parametrized(module)
+        state.update((prefix + k, v) for k, v in module._parameters.items() if v is not None)
+        state.update((prefix + k, v) for k, v in module._buffers.items()
+                     if v is not None and k not in module._non_persistent_buffers_set)
+        if parametrized:
+            state.update((prefix + k, getattr(module, k)) for k in module.parametrizations)
+        for name, child in module._modules.items():
+            if child is not None and not (parametrized and name == "parametrizations"):
+                visit(child, f"{prefix}{name}.")
+
+    visit(root, "")
+    return state
+
+
 def _own_parametrized_class(module: nn.Module) -> None:
     """Give a parametrized module a class of its own before removing a parametrization.
 

@@ -113,7 +113,7 @@ def test_the_served_module_is_never_stale(model, change):
     before = served_and_unserved(model, 0.5)
     changes(model)[change]()
     served, unserved, module = served_and_unserved(model, 0.5)
-    assert module is not before[2]
+    assert module is before[2]  # refreshed in place, not copied again
     assert not torch.equal(served, before[0])
     torch.testing.assert_close(served, unserved, rtol=1e-5, atol=1e-6)
 
@@ -128,11 +128,13 @@ def test_lambda_dtype_and_mode_changes_are_seen(model):
     assert served.dtype == torch.float64 and next(module.parameters()).dtype == torch.float64
     torch.testing.assert_close(served, unserved)
     model.train()
-    assert model._served._value is None  # train() frees the held copy
+    assert model._served._value is None  # never served in training
     with torch.no_grad():
         assert model.served_export() is None
     model.eval()
-    assert served_and_unserved(model, 1.0)[2] is not module
+    served, unserved, again = served_and_unserved(model, 1.0)
+    assert again is module  # kept for the next attack, refreshed
+    torch.testing.assert_close(served, unserved)
 
 
 def test_not_served_per_sample_with_parameter_gradients_or_when_opted_out(model):
@@ -198,23 +200,47 @@ def test_clear_fold_caches_drops_the_served_export_and_sees_new_hooks():
         assert model.served_export() is not first and calls == [1]
 
 
-def test_the_export_is_built_after_serve_after_unchanged_forwards_only():
-    """A training attack (weights changed every step) keeps the conditioned layers."""
+@pytest.mark.parametrize("method", ["float", "film+exits"])
+def test_training_attacks_serve_one_module_refreshed_in_place(method):
+    """Each training attack (in model.frozen()) runs the served module from its first forward;
+    the model is copied once, later steps (new weights) write into that copy, and the
+    adversarial examples are those of the conditioned layers."""
     from oat_plugins.model import SERVE_AFTER
     from oat_plugins.train import adversarial_examples
+    model = build("film", exits="auto") if method == "film+exits" else build(method)
+    model.serve_after = SERVE_AFTER
+    copies = []
+    fold = model._fold_backbone
+    model._fold_backbone = lambda lam: copies.append(lam) or fold(lam)
+    attack = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=3, random_start=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    held = []
+    for step in range(3):
+        model.train()
+        torch.manual_seed(step)
+        x_adv = adversarial_examples(model, attack, X, Y, torch.ones(4))  # eval mode, frozen
+        held.append(model._serving[False].module)  # train() kept it for the next attack
+        model.serve_exports = False
+        torch.manual_seed(step)
+        with model.at(1.0), model.frozen():
+            reference = attack(X, Y)
+        model.serve_exports = True
+        torch.testing.assert_close(x_adv, reference, rtol=1e-5, atol=1e-6)
+        model.train()
+        with model.at(1.0):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x_adv), Y).backward()
+        opt.step()
+    assert copies == [1.0] and held[0] is not None and all(m is held[0] for m in held)
+
+
+def test_outside_an_attack_the_export_is_served_after_serve_after_unchanged_forwards():
+    from oat_plugins.model import SERVE_AFTER
     model = build("float")
     model.serve_after = SERVE_AFTER
-    built = []
-    build_export = model._export_to_serve
-    model._export_to_serve = lambda: built.append(1) or build_export()
-    attack = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=SERVE_AFTER - 2)
-    model.train()
-    adversarial_examples(model, attack, X, Y, torch.ones(4))  # run in eval mode, frozen
-    assert built == []  # fewer forwards than serve_after
-    model.eval()
     with model.at(1.0), torch.no_grad():
         for _ in range(SERVE_AFTER - 1):
             model(X)
         assert model._served._value.module is None
         model(X)
-        assert model._served._value.module is not None and built == [1]
+        assert model._served._value.module is not None
