@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="densities set in situ (at most the trained one)")
     p.add_argument("--eval-lambdas", type=_floats, default="0,0.5,1")
     p.set_defaults(method="floats:exits=auto", out=str(ROOT / "bench" / "out" / "knobs"),
-                   budgets=[0.85, 0.7, 0.55])
+                   budgets=[0.95, 0.9, 0.85])
     return p.parse_args(argv)
 
 
@@ -136,12 +136,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
         if "error" not in cell:
             lines.setdefault((cell["density"], cell["lam"]), []).append(cell)
     densities = sorted({d for d, _ in lines}, reverse=True)
+    lams = sorted({lam for _, lam in lines})
     for (density, lam), cells in lines.items():
         cells = sorted(cells, key=lambda c: c["mac_fraction"])
         style = ["-", "--", ":", "-."][densities.index(density) % 4]
         for ax, key in zip(axes, ("clean_acc", "robust_acc"), strict=True):
             ax.plot([c["mac_fraction"] for c in cells], [100 * c[key] for c in cells],
-                    style, marker="o", color=f"C{round(lam * 10) % 10}",
+                    style, marker="o", color=f"C{lams.index(lam) % 10}",
                     label=f"density {density:g}, λ={lam:g}")
     for ax, what in zip(axes, ("clean", "routing PGD"), strict=True):
         ax.set_xlabel("mean MACs per image (fraction of the dense backbone's)")
