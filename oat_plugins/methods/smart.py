@@ -67,7 +67,8 @@ class SmartOptions:
     lambda_rule: ``'switch'`` (default; the prototypes): M_c at λ = 0, M_a at any λ > 0, like
         the dual norm; ``'blend'``: W ⊙ ((1 − λ)·M_c + λ·M_a). Measured on models trained at
         λ ∈ {0, 1} (bench/smart.py), the blend at λ = 0.5 was worse than both paths in clean
-        and robust accuracy, so it is not the default.
+        and robust accuracy; trained on OAT's λ set it fell to chance at λ = 1 (the one
+        robust norm serves every λ > 0; bench/RESULTS.md §12), so it is not the default.
     linear, include_head: as for ``float``: which weights are conditioned.
     dual_norm: every norm becomes a dual norm (clean branch at λ = 0, robust at λ > 0).
     seed: seed of the random selection.
