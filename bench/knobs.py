@@ -17,8 +17,11 @@ the last) trained with the max-average attack. Then, for every density of ``--de
   of the dense backbone's (heads evaluated and rejected counted; dense kernels), exit shares,
   and the non-zero parameters of the exported plain multi-exit model.
 
-Writes ``--out/knobs.json`` (every cell), ``knobs.md`` (the table) and ``knobs.png`` (clean
-and robust accuracy against mean MACs, one line per density and λ) after every cell.
+The defended backbone of ``bench/multiexit.py`` (the plain model trained with PGD-AT on the
+same images, epochs and ``--train-steps``; clean and PGD accuracy with the same attack
+settings) is the reference. Writes ``--out/knobs.json`` (every cell), ``knobs.md`` (the
+table) and ``knobs.png`` (clean and robust accuracy against mean MACs, one line per density
+and λ) after every cell; a rerun with the same settings keeps the cells measured already.
 
     python bench/knobs.py --method floats:exits=auto --epochs 3 --train-steps 1
     python bench/knobs.py --data bundled --n-train 256 --n-held-out 128 --epochs 1 \\
@@ -46,10 +49,12 @@ from multiexit import (  # noqa: E402
     _pgd_kwargs,
     adversarial,
     build_parser,
+    evaluate_pgd_at,
     exit_logits,
     load_split,
     mac_summary,
     routed,
+    train_pgd_at,
     train_rdi,
 )
 from tradeoff import _device, _floats  # noqa: E402
@@ -119,6 +124,11 @@ def markdown(results: dict[str, Any]) -> str:
         shares = " / ".join(f"{100 * s:.0f}" for s in cell["exit_shares"])
         lines.append(f"{head} {100 * cell['clean_acc']:.1f} | {100 * cell['robust_acc']:.1f} | "
                      f"{cell['mac_fraction']:.3f} | {shares} | {cell['nonzero_params']:,} |")
+    base = results.get("pgd_at")
+    if base:
+        lines += ["", f"PGD-AT (the plain backbone, same images, epochs and attack steps; "
+                  f"{base['train_seconds'] / 60:.1f} min): clean {100 * base['clean_acc']:.1f} %, "
+                  f"PGD {100 * base['pgd_acc']:.1f} %, MACs 1.000"]
     return "\n".join(lines) + "\n"
 
 
@@ -144,6 +154,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.plot([c["mac_fraction"] for c in cells], [100 * c[key] for c in cells],
                     style, marker="o", color=f"C{lams.index(lam) % 10}",
                     label=f"density {density:g}, λ={lam:g}")
+    base = results.get("pgd_at")
+    for ax, key in zip(axes, ("clean_acc", "pgd_acc"), strict=True):
+        if base:
+            ax.scatter([1.0], [100 * base[key]], marker="*", s=140, color="black", zorder=3,
+                       label="PGD-AT (plain)")
     for ax, what in zip(axes, ("clean", "routing PGD"), strict=True):
         ax.set_xlabel("mean MACs per image (fraction of the dense backbone's)")
         ax.set_xlim(0, 1.2)
@@ -172,22 +187,50 @@ def main(argv: list[str] | None = None) -> int:
                     f"{data.described}; {args.epochs} epoch(s), training attack "
                     f"{args.rdi_attack} ({args.train_steps} step(s)), {seconds / 60:.1f} min; "
                     f"evaluation routing PGD-{args.steps}; torch {torch.__version__}, {device}"),
-        "args": vars(args), "train_seconds": seconds, "cells": []}
+        "args": vars(args), "train_seconds": seconds, "cells": kept_cells(out, args)}
+
+    def write() -> None:
+        atomic_write_text(json.dumps(results, indent=2), out / "knobs.json")
+        atomic_write_text(markdown(results), out / "knobs.md")
+        plot(results, out / "knobs.png")
+
+    base, base_seconds = train_pgd_at(args, data, out)
+    results["pgd_at"] = {"train_seconds": base_seconds,
+                         **evaluate_pgd_at(base.to(device), data, args)}
+    write()
     for density in args.densities:
         model.set_density(density)
         for lam in args.eval_lambdas:
+            if any(c["density"] == density and c["lam"] == lam for c in results["cells"]):
+                continue
+
             def record(budget: float | None, row: dict[str, Any], lam: float = lam,
                        density: float = density) -> None:
                 results["cells"].append({"density": density, "lam": lam, "budget": budget,
                                          **row})
-                atomic_write_text(json.dumps(results, indent=2), out / "knobs.json")
-                atomic_write_text(markdown(results), out / "knobs.md")
-                plot(results, out / "knobs.png")
+                write()
 
             with model.at(lam):
                 measure_setting(model, data, args, record)
     print(markdown(results))
     return 0
+
+
+_CELL_ARGS = ("densities", "eval_lambdas", "retrain", "no_progress")
+"""Arguments that choose which cells to measure, not how: a rerun may change them."""
+
+
+def kept_cells(out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The cells of an earlier run with the same settings (every budget of a kept density
+    and λ), or none."""
+    path = out / "knobs.json"
+    if args.retrain or not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    now = json.loads(json.dumps(vars(args)))
+    if any(earlier["args"].get(k) != v for k, v in now.items() if k not in _CELL_ARGS):
+        return []
+    return earlier["cells"]
 
 
 if __name__ == "__main__":
