@@ -277,7 +277,8 @@ class ConditionalModel(MultiExitAPI, nn.Module):
             return None
         held = self._served.get(self.condition.lam, (), _HeldExport, module=self)
         held.forwards += 1
-        if not held.built and (self.condition.is_frozen or held.forwards >= self.serve_after):
+        at_once = self.condition.is_frozen and self._serving_now().refreshable
+        if not held.built and (at_once or held.forwards >= self.serve_after):
             with torch.no_grad():
                 held.module, held.built = self._export_to_serve(), True
         return held.module
@@ -287,7 +288,7 @@ class ConditionalModel(MultiExitAPI, nn.Module):
         a new export (None when the model cannot be served)."""
         if not self.deterministic:
             return None
-        serving = self._serving[torch.is_inference_mode_enabled()]
+        serving = self._serving_now()
         if serving.refresh(self._served_sources):
             return serving.module
         try:
@@ -301,6 +302,9 @@ class ConditionalModel(MultiExitAPI, nn.Module):
             targets[_THRESHOLDS] = served.thresholds  # a copy of the router's
         serving.hold(served, targets)
         return served
+
+    def _serving_now(self) -> _ServedModule:
+        return self._serving[torch.is_inference_mode_enabled()]
 
     def _served_sources(self) -> dict[str, torch.Tensor]:
         """The tensors of the served module at the current λ, by the names of its targets."""
@@ -408,9 +412,13 @@ class _ServedModule:
     def __init__(self) -> None:
         self.clear()
 
-    def clear(self) -> None:
+    def clear(self, refreshable: bool = True) -> None:
+        """Hold nothing. ``refreshable=False`` (after a mismatch): new modules of this model
+        are not refreshed in place either, so an attack waits ``serve_after`` forwards
+        instead of copying the model once per attack."""
         self.module: nn.Module | None = None
         self.targets: dict[str, torch.Tensor] = {}
+        self.refreshable = refreshable
 
     def hold(self, module: nn.Module, targets: dict[str, torch.Tensor]) -> None:
         """Keep ``module``, whose tensors are ``targets`` under the names the folded backbone
@@ -428,7 +436,7 @@ class _ServedModule:
         if state.keys() != self.targets.keys() or any(
                 state[k].shape != t.shape or state[k].dtype != t.dtype
                 for k, t in self.targets.items()):
-            self.clear()
+            self.clear(refreshable=False)
             return False
         for name, target in self.targets.items():
             target.copy_(state[name])

@@ -234,6 +234,32 @@ def test_training_attacks_serve_one_module_refreshed_in_place(method):
     assert copies == [1.0] and held[0] is not None and all(m is held[0] for m in held)
 
 
+def test_a_module_that_cannot_be_refreshed_is_not_copied_once_per_attack(monkeypatch):
+    """When the folded tensors do not match the held module's (e.g. a method's own export),
+    one attack copies the model again, and later attacks wait for serve_after forwards."""
+    import oat_plugins.model as model_module
+    from oat_plugins.model import SERVE_AFTER
+    from oat_plugins.train import adversarial_examples
+    model = build("float")
+    model.serve_after = SERVE_AFTER
+    copies = []
+    fold = model._fold_backbone
+    model._fold_backbone = lambda lam: copies.append(lam) or fold(lam)
+    folded_state = model_module.folded_state
+    monkeypatch.setattr(model_module, "folded_state",
+                        lambda root: dict(list(folded_state(root).items())[1:]))
+    attack = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(4):
+        adversarial_examples(model, attack, X, Y, torch.ones(4))
+        model.train()
+        with model.at(1.0):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X), Y).backward()
+        opt.step()
+    assert copies == [1.0, 1.0] and not model._serving[False].refreshable
+
+
 def test_outside_an_attack_the_export_is_served_after_serve_after_unchanged_forwards():
     from oat_plugins.model import SERVE_AFTER
     model = build("float")
