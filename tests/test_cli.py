@@ -87,6 +87,28 @@ def test_export_writes_a_weights_only_plain_model(checkpoint, tmp_path, capsys):
             assert not torch.allclose(plain(x), model(x), atol=1e-4)
 
 
+def test_export_and_eval_at_a_lower_density(tmp_path, capsys):
+    """--density sets the masked model's density knob before exporting or evaluating."""
+    torch.manual_seed(0)
+    model = oat_plugins.wrap("resnet10t", "floats", model_kwargs=TINY).eval()
+    oat_plugins.save(model, tmp_path / "floats.pt")
+    assert main(["export", "--checkpoint", str(tmp_path / "floats.pt"), "--lambda", "0.5",
+                 "--density", "0.25", "--out", str(tmp_path / "plain.pt")]) == 0
+    plain = oat_plugins.load_exported(tmp_path / "plain.pt")
+    convs = [m.weight for m in plain.modules() if isinstance(m, torch.nn.Conv2d)]
+    kept = sum(int((w != 0).sum()) for w in convs) / sum(w.numel() for w in convs)
+    assert abs(kept - 0.25) <= 0.01
+    x, _ = _bundled_test(4)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model.set_density(0.25).export(0.5)(x))
+    assert main(["eval", "--checkpoint", str(tmp_path / "floats.pt"), "--data", "bundled",
+                 "--lambdas", "0.5", "--attack", "fgsm", "--n-examples", "8", "--density",
+                 "0.25", "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "floats.pt"), "--data", "bundled",
+                 "--density", "0.6", "--out", str(tmp_path / "eval2"), "--no-progress"]) == 2
+    assert "above the trained density 0.5" in capsys.readouterr().err
+
+
 def test_export_errors(checkpoint, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--lambda", "0.5",
                  "--out", str(tmp_path / "x.pt")]) == 2
@@ -216,6 +238,7 @@ def _error_line(argv: list[str], capsys) -> str:
     (["eval", "--checkpoint", "{ckpt}", "--data", "{tmp}/no-such-folder"], "does not exist"),
     (["export", "--checkpoint", "{ckpt}", "--lambda", "1.5", "--out", "{tmp}/x.pt"],
      "expected a number in [0, 1]"),
+    (["eval", "--checkpoint", "{ckpt}", "--density", "0.5"], "has no density knob"),
     (["benchmark", "--checkpoint", "{ckpt}", "--lambdas", "0,2"], "must be in [0, 1]"),
     (["benchmark", "--checkpoint", "{tmp}/missing.pt", "--lambdas", "0.5"], "does not exist"),
     (["gdws", "--checkpoint", "{tmp}/missing.pt", "--lambda", "1", "--budget", "0.5",

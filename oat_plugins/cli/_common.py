@@ -93,3 +93,21 @@ def load_any_model(path: str | os.PathLike, map_location: str = "cpu") -> nn.Mod
     if is_exported(payload):
         return from_exported(payload, source=source)
     return from_checkpoint(payload, source=source)
+
+
+def add_density_argument(parser: argparse.ArgumentParser) -> None:
+    """``--density D``: the masked model's density knob (``ConditionalModel.set_density``)."""
+    parser.add_argument("--density", type=positive_number, default=None, metavar="D",
+                        help="a masked model (floats): first keep the largest weights of its "
+                        "trained mask at density D, at most the trained one "
+                        "(model.set_density); default: as saved")
+
+
+def apply_density(model: nn.Module, density: float | None, checkpoint: object) -> None:
+    """Set ``--density`` on a conditional model; refuse it for a plain one."""
+    if density is None:
+        return
+    if not hasattr(model, "set_density"):
+        raise ValueError(f"{checkpoint!r} holds a plain (exported) model, which has no "
+                         "density knob; drop --density")
+    model.set_density(density)

@@ -10,7 +10,14 @@ from ..attacks import attack_names_help, find_attack
 from ..data import DATASETS, load_dataset
 from ..evaluate import DEFAULT_LAMBDAS, evaluate
 from ..model import ConditionalModel
-from ._common import load_any_model, parse_lambdas, positive_int, positive_number
+from ._common import (
+    add_density_argument,
+    apply_density,
+    load_any_model,
+    parse_lambdas,
+    positive_int,
+    positive_number,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "budget B (fraction of the backbone's, e.g. 0.7) from the calibration "
                         "saved in it (calibrated on held-out data, never on this split); "
                         "default: the saved thresholds")
+    add_density_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: "
                         "cuda when available)")
@@ -93,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.checkpoint!r} holds a model without exits; drop "
                              "--exit-budget")
         model.set_exit_budget(args.exit_budget)
+    apply_density(model, args.density, args.checkpoint)
     dataset = load_dataset(args.data, args.split, data_dir=args.data_dir, augment=False)
     if (args.n_examples is not None and args.subset_seed is None
             and str(args.data).lower() not in DATASETS and args.n_examples < len(dataset)):

@@ -7,7 +7,7 @@ import logging
 
 from .. import load
 from ..exported import FORMATS, save_exported
-from ._common import positive_int, unit_float
+from ._common import add_density_argument, apply_density, positive_int, unit_float
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with --format safetensors: the input size for timm's data "
                         "config, e.g. 32 for CIFAR (default: a ViT's img_size, else timm's "
                         "default for the architecture)")
+    add_density_argument(parser)
     parser.add_argument("--out", required=True,
                         help="output file (.pt), or folder with --format safetensors")
     parser.set_defaults(func=run)
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.image_size is not None and args.format != "safetensors":
         raise ValueError("--image-size applies to --format safetensors only")
     model = load(args.checkpoint)
+    apply_density(model, args.density, args.checkpoint)
     save_exported(model, args.lam, args.out, format=args.format, image_size=args.image_size)
     n_params = sum(p.numel() for p in model.export(args.lam).parameters())
     print(f"exported {model.backbone_name or 'model'} ({model.method_name}) at λ={args.lam:g} "
