@@ -215,7 +215,7 @@ class Float(Method):
         found = weight_masks(model.backbone)
         trained = self.options.density
         if trained is None or not found:
-            super().set_density(model, density)
+            return super().set_density(model, density)  # raises: no mask, no density knob
         if any(mask.pending for _, _, mask in found):
             raise ValueError("the masks are not chosen yet (pending until the first training "
                              "batch): train the model before setting a density")
